@@ -1,0 +1,1 @@
+"""Data side: shards -> decoded samples -> sized, patchified images -> PackedBatch. No torch.nn here."""

@@ -1,0 +1,177 @@
+"""Pack patchified images into fixed-length sequences: best fit, at most E_max images each.
+
+`pack` packs a finished list (first-fit decreasing); `StreamingPacker` packs an endless stream,
+keeping a few sequences open so that a small image can fill the hole a large one left, and
+reports the share of token positions it had to pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from navit_clip.batch import PackedBatch
+
+
+@dataclass
+class PatchedImage:
+    key: str
+    patches: np.ndarray  # [N, P*P*C] uint8
+    coords: np.ndarray  # [N, 2] int64
+    grid: tuple[int, int]  # (rows, cols) of the full grid
+    text: np.ndarray  # [T] int64 caption token ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.patches)
+
+
+@dataclass
+class _Sequence:
+    capacity: int
+    images: list[PatchedImage] = field(default_factory=list)
+    used: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    def add(self, image: PatchedImage) -> None:
+        self.images.append(image)
+        self.used += image.num_tokens
+
+
+def _check_fits(image: PatchedImage, seq_len: int) -> None:
+    if image.num_tokens > seq_len:
+        raise ValueError(f"image {image.key} has {image.num_tokens} patches, more than seq_len={seq_len}; "
+                         "lower data.max_tokens_per_image or raise data.seq_len")
+    if image.num_tokens < 1:
+        raise ValueError(f"image {image.key} has no patches")
+
+
+def to_packed_batch(sequences: list[list[PatchedImage]], seq_len: int, max_images: int,
+                    patch_dim: int, text_len: int) -> PackedBatch:
+    """Lay sequences of images out as a PackedBatch; missing tokens and slots are padding."""
+    S = len(sequences)
+    patches = np.zeros((S, seq_len, patch_dim), dtype=np.uint8)
+    coords = np.zeros((S, seq_len, 2), dtype=np.int64)
+    segment = np.full((S, seq_len), -1, dtype=np.int64)
+    grid = np.zeros((S, max_images, 2), dtype=np.int64)
+    valid = np.zeros((S, max_images), dtype=bool)
+    text = np.zeros((S, max_images, text_len), dtype=np.int64)
+    keys = []
+    for s, images in enumerate(sequences):
+        if len(images) > max_images:
+            raise ValueError(f"sequence {s} holds {len(images)} images, more than max_images={max_images}")
+        pos = 0
+        for slot, image in enumerate(images):
+            n = image.num_tokens
+            if pos + n > seq_len:
+                raise ValueError(f"sequence {s} overflows seq_len={seq_len} at image {image.key}")
+            patches[s, pos:pos + n] = image.patches
+            coords[s, pos:pos + n] = image.coords
+            segment[s, pos:pos + n] = slot
+            grid[s, slot] = image.grid
+            valid[s, slot] = True
+            text[s, slot, : len(image.text)] = image.text[:text_len]
+            pos += n
+        keys.append(tuple(image.key for image in images))
+    return PackedBatch(
+        patches=torch.from_numpy(patches), coords=torch.from_numpy(coords), segment=torch.from_numpy(segment),
+        grid=torch.from_numpy(grid), valid=torch.from_numpy(valid), text=torch.from_numpy(text), keys=tuple(keys),
+    )
+
+
+def pack(examples: Iterable[PatchedImage], seq_len: int, max_images: int) -> PackedBatch:
+    """Pack all examples into as few sequences as first-fit decreasing finds."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("pack() needs at least one example")
+    sequences: list[_Sequence] = []
+    for image in sorted(examples, key=lambda e: -e.num_tokens):
+        _check_fits(image, seq_len)
+        target = next((s for s in sequences if s.free >= image.num_tokens and len(s.images) < max_images), None)
+        if target is None:
+            target = _Sequence(seq_len)
+            sequences.append(target)
+        target.add(image)
+    first = examples[0]
+    return to_packed_batch([s.images for s in sequences], seq_len, max_images,
+                           first.patches.shape[1], len(first.text))
+
+
+class StreamingPacker:
+    """Best-fit packing of a stream into batches of `sequences_per_batch` sequences."""
+
+    def __init__(self, *, seq_len: int, max_images: int, sequences_per_batch: int, open_sequences: int = 8) -> None:
+        self.seq_len = seq_len
+        self.max_images = max_images
+        self.sequences_per_batch = sequences_per_batch
+        self.open_sequences = max(1, open_sequences)
+        self._open: list[_Sequence] = []
+        self._closed: list[_Sequence] = []
+        self._shape: tuple[int, int] | None = None  # (patch_dim, text_len) of the stream
+        self.tokens_emitted = 0
+        self.tokens_filled = 0
+        self.images_emitted = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of emitted token positions that are padding (0 before anything was emitted)."""
+        return 1.0 - self.tokens_filled / self.tokens_emitted if self.tokens_emitted else 0.0
+
+    def _close(self, seq: _Sequence) -> None:
+        self._open.remove(seq)
+        self._closed.append(seq)
+
+    def push(self, image: PatchedImage) -> list[PackedBatch]:
+        """Add one image; return the batches that became complete (usually none or one)."""
+        _check_fits(image, self.seq_len)
+        self._shape = self._shape or (image.patches.shape[1], len(image.text))
+        fits = [s for s in self._open if s.free >= image.num_tokens and len(s.images) < self.max_images]
+        if fits:
+            target = min(fits, key=lambda s: s.free)
+        else:
+            if len(self._open) >= self.open_sequences:
+                self._close(min(self._open, key=lambda s: s.free))
+            target = _Sequence(self.seq_len)
+            self._open.append(target)
+        target.add(image)
+        if target.free == 0 or len(target.images) == self.max_images:
+            self._close(target)
+        return self._emit_ready()
+
+    def _emit_ready(self) -> list[PackedBatch]:
+        out = []
+        while len(self._closed) >= self.sequences_per_batch:
+            chunk, self._closed = self._closed[: self.sequences_per_batch], self._closed[self.sequences_per_batch:]
+            out.append(self._to_batch(chunk))
+        return out
+
+    def _to_batch(self, chunk: list[_Sequence]) -> PackedBatch:
+        assert self._shape is not None
+        self.tokens_emitted += self.seq_len * self.sequences_per_batch
+        self.tokens_filled += sum(s.used for s in chunk)
+        self.images_emitted += sum(len(s.images) for s in chunk)
+        sequences = [s.images for s in chunk]
+        sequences += [[] for _ in range(self.sequences_per_batch - len(chunk))]  # fixed S, also at the end
+        return to_packed_batch(sequences, self.seq_len, self.max_images, *self._shape)
+
+    def flush(self) -> list[PackedBatch]:
+        """Close every open sequence and return the rest, the last batch padded with empty sequences."""
+        for seq in list(self._open):
+            self._close(seq)
+        out = self._emit_ready()
+        if self._closed:
+            out.append(self._to_batch(self._closed))
+            self._closed = []
+        return out
+
+    def pack_stream(self, images: Iterable[PatchedImage], flush: bool = True) -> Iterator[PackedBatch]:
+        for image in images:
+            yield from self.push(image)
+        if flush:
+            yield from self.flush()

@@ -1,0 +1,114 @@
+"""Everything distributed: process-group setup, rank and world size, collectives with autograd.
+
+No other module calls torch.distributed. The same code runs as 1 process on a laptop CPU (gloo)
+and as N processes on M nodes (nccl); the launcher's environment decides.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_env() -> None:
+    """Fill in a single-process environment when no launcher set one, and pick DeepSpeed's CPU
+    accelerator when there is no GPU, before deepspeed is imported."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init_distributed() -> None:
+    """Start the process group through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    prepare_env()
+    if is_initialized():
+        return
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no autograd), e.g. for metrics."""
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's [n, ...] tensor along dim 0. Backward sums the gradients of all
+    ranks for this rank's slice, so a loss computed identically on every rank gets, after the
+    data-parallel average, exactly the gradient of the one global loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.n, ctx.rank = x.shape[0], rank()
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[n, ...] on each rank -> [world·n, ...] in rank order, differentiable. Same n on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not is_initialized() or world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

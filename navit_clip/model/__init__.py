@@ -1,0 +1,1 @@
+"""Model side: NaViT image tower, text tower and the CLIP head. Sees PackedBatch tensors only."""

@@ -1,0 +1,75 @@
+"""NaViT image tower: packed patches of many images in, one pooled vector per image slot out.
+
+patches [S, L, P·P·C] -> LN, linear, LN -> + pos-emb(row, col) -> blocks whose attention keeps
+each image to itself -> LN -> masked attention pooling -> [S, E_max, width].
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from navit_clip.config import VisionConfig
+from navit_clip.model.attention import get_attend
+from navit_clip.model.pooling import MaskedAttentionPool
+from navit_clip.model.posemb import FactorizedPosEmb
+from navit_clip.model.transformer import Block
+
+# Pixel statistics of the CLIP pre-training data; any fixed choice works, this one is familiar.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class NaViT(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        patch_dim = cfg.patch_size * cfg.patch_size * cfg.channels
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN[: cfg.channels]), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD[: cfg.channels]), persistent=False)
+        self.patch_embed = nn.Sequential(nn.LayerNorm(patch_dim), nn.Linear(patch_dim, cfg.width), nn.LayerNorm(cfg.width))
+        self.pos_emb = FactorizedPosEmb(dim=cfg.width, max_side=cfg.max_grid_side)
+        self.blocks = nn.ModuleList(Block(dim=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.pool = MaskedAttentionPool(dim=cfg.width, heads=cfg.heads)
+        self.attend = get_attend(cfg.attention)
+
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float 0..255) patches in (p1 p2 c) order -> standardized float."""
+        x = rearrange(patches.float() / 255.0, "... (pp c) -> ... pp c", c=self.cfg.channels)
+        dtype = self.patch_embed[1].weight.dtype
+        return rearrange((x - self.pixel_mean) / self.pixel_std, "... pp c -> ... (pp c)").to(dtype)
+
+    def forward_tokens(self, patches: torch.Tensor, coords: torch.Tensor, segment: torch.Tensor,
+                       layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Token features [S, L, width] after the final norm, plus the outputs of the blocks named
+        in `layers` (0-based), for dense downstream heads."""
+        x = self.patch_embed(self.normalize(patches)) + self.pos_emb(coords).to(self.patch_embed[1].weight.dtype)
+        attend = lambda q, k, v: self.attend(q, k, v, segment)  # noqa: E731
+        kept = []
+        for index, block in enumerate(self.blocks):
+            x = block(x, attend)
+            if index in layers:
+                kept.append(x)
+        return self.norm(x), kept
+
+    def forward(self, patches: torch.Tensor, coords: torch.Tensor, segment: torch.Tensor, max_images: int) -> torch.Tensor:
+        """-> pooled [S, max_images, width]; empty slots are zeros."""
+        tokens, _ = self.forward_tokens(patches, coords, segment)
+        return self.pool(tokens, segment, max_images)
+
+
+def unpack_grids(tokens: torch.Tensor, coords: torch.Tensor, segment: torch.Tensor, grid: torch.Tensor,
+                 valid: torch.Tensor) -> list[torch.Tensor]:
+    """Token features [S, L, D] -> one [rows, cols, D] grid per valid slot, in slot order.
+    Dropped patches (if any) stay zero."""
+    out = []
+    for s, e in valid.nonzero().tolist():
+        rows, cols = grid[s, e].tolist()
+        member = segment[s] == e
+        image = tokens.new_zeros(rows, cols, tokens.shape[-1])
+        rc = coords[s][member]
+        image[rc[:, 0], rc[:, 1]] = tokens[s][member]
+        out.append(image)
+    return out
