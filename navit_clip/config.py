@@ -153,6 +153,8 @@ def _coerce(key: str, raw: Any, hint: Any) -> Any:
         if hint is bool:
             if isinstance(raw, bool):
                 return raw
+            if isinstance(raw, int) and raw in (0, 1):
+                return bool(raw)
             if isinstance(raw, str) and raw.lower() in {"true", "false", "1", "0", "yes", "no"}:
                 return raw.lower() in {"true", "1", "yes"}
             raise ValueError
@@ -206,6 +208,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {item!r} sets a key inside a value")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return nested
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `key.sub=value` overrides to an existing config (e.g. one read from a run) and validate."""
+    _merge(cfg, parse_overrides(overrides))
+    return cfg.validate()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -98,7 +98,10 @@ class PackedStream(IterableDataset):
             rng = np.random.default_rng([spec.seed, self.rank, worker, epoch])
             order = list(split.shards)
             if spec.shuffle_buffer > 0:
-                rng.shuffle(order)
+                # Readers that stride through all shards must agree on the order, or they would
+                # count positions differently and read some samples twice and others never.
+                shared = split.stride > 1
+                (np.random.default_rng([spec.seed, epoch]) if shared else rng).shuffle(order)
             samples = read_samples(replace(split, shards=tuple(order)), stats, spec.max_image_pixels)
             images = (to_patched(s, policy, tokenizer, rng) for s in shuffled(samples, spec.shuffle_buffer, rng))
             for batch in packer.pack_stream(images, flush=not spec.loop):

@@ -50,10 +50,22 @@ class ReadStats:
         return sum(self.skipped.values())
 
 
+def _split_top_level_commas(spec: str) -> list[str]:
+    """Split a list of shard specs on commas that are not inside braces ({a,b} is brace syntax)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return parts
+
+
 def expand_shards(spec: str) -> list[str]:
     """`dir/`, `a-{000..009}.tar`, globs and comma-separated lists -> a sorted list of shard paths."""
     paths: list[str] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
+    for part in (p.strip() for p in _split_top_level_commas(spec) if p.strip()):
         if os.path.isdir(part):
             paths.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
             continue

@@ -33,4 +33,5 @@ class MaskedAttentionPool(nn.Module):
         weights = scores.masked_fill(empty[:, :, None, None], 0.0).softmax(dim=-1)
         weights = weights.masked_fill(empty[:, :, None, None], 0.0)
         pooled = torch.einsum("sehl,shld->sehd", weights, v)
-        return self.out(rearrange(pooled, "s e h d -> s e (h d)"))
+        out = self.out(rearrange(pooled, "s e h d -> s e (h d)"))
+        return out.masked_fill(empty[:, :, None], 0.0)  # after the projection: its bias is not an image

@@ -32,14 +32,48 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
 
 
 def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
-    """Delete all but the `keep` newest step-tagged checkpoints, never the one `latest` names."""
+    """Delete all but the `keep` newest complete checkpoints (those up to the one `latest` names).
+    Directories newer than `latest` are a crashed save's leftovers; the next save of that step
+    overwrites them, so they are neither counted nor deleted here."""
     ckpt_dir = Path(ckpt_dir)
     current = latest_tag(ckpt_dir)
-    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
-                  key=lambda p: int(p.name[4:]))
+    if current is None or not current[4:].isdigit():
+        return []
+    complete = sorted((p for p in ckpt_dir.glob("step*")
+                       if p.is_dir() and p.name[4:].isdigit() and int(p.name[4:]) <= int(current[4:])),
+                      key=lambda p: int(p.name[4:]))
     removed = []
-    for path in tags[:-keep] if keep > 0 else tags:
-        if path.name != current:
-            shutil.rmtree(path)
-            removed.append(path.name)
+    for path in complete[:-keep]:
+        shutil.rmtree(path)
+        removed.append(path.name)
     return removed
+
+
+def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Model weights and client state (step, data position, config) of a DeepSpeed checkpoint
+    (ZeRO stage 0-2, where rank 0's file holds the full module), loaded with weights_only=True."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
+    path = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} has no {path.name}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    client = {k: state[k] for k in ("step", "data", "config") if k in state}
+    return state["module"], client
+
+
+def load_trained_model(run_dir: str | Path, tag: str | None = None):
+    """-> (NaViTCLIP in eval mode, Config, step) from a training run directory."""
+    from navit_clip.config import Config, config_from_dict
+    from navit_clip.model.clip import NaViTCLIP
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    weights, client = load_model_state(ckpt_dir, tag)
+    if "config" not in client:
+        raise ValueError(f"checkpoint in {ckpt_dir} carries no navit-clip config")
+    cfg = config_from_dict(Config, client["config"]).validate()
+    model = NaViTCLIP(cfg.model)
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), cfg, int(client.get("step", 0))

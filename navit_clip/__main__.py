@@ -1,0 +1,5 @@
+import sys
+
+from navit_clip.cli import main
+
+sys.exit(main())

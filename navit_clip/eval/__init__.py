@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification at any token budget."""

@@ -1,0 +1,184 @@
+"""Packed attention backends: every backend equals the plain reference, keeps images apart and
+never produces NaN for padding rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from navit_clip.model.attention import BACKENDS, get_attend, reference_attend, same_segment_mask
+
+BACKEND_NAMES = [*BACKENDS, "auto"]
+
+
+def random_segments(S: int, L: int, max_images: int, generator: torch.Generator) -> torch.Tensor:
+    """[S, L] slot ids in contiguous runs (like the packer lays them out), then -1 padding.
+    Every sequence has at least one image and at least one padding token except the last one,
+    which is completely full, so both cases are covered."""
+    segment = torch.full((S, L), -1, dtype=torch.long)
+    for s in range(S):
+        n_images = int(torch.randint(1, max_images + 1, (1,), generator=generator))
+        used = L if s == S - 1 else int(torch.randint(n_images, L, (1,), generator=generator))
+        cuts = sorted(torch.randperm(used - 1, generator=generator)[: n_images - 1].add(1).tolist())
+        bounds = [0, *cuts, used]
+        for slot in range(n_images):
+            segment[s, bounds[slot]:bounds[slot + 1]] = slot
+    return segment
+
+
+def random_qkv(S=3, H=2, L=24, Dh=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(S, H, L, Dh, generator=g) for _ in range(3))
+    segment = random_segments(S, L, max_images=4, generator=g)
+    return q, k, v, segment
+
+
+def naive_attend(q, k, v, segment):
+    """Token-by-token loop, independent of the masked-matrix formulation."""
+    out = torch.empty_like(q)
+    S, H, L, Dh = q.shape
+    for s in range(S):
+        for i in range(L):
+            keys = (segment[s] == segment[s, i]).nonzero().squeeze(1)
+            for h in range(H):
+                scores = k[s, h, keys] @ q[s, h, i] / math.sqrt(Dh)
+                out[s, h, i] = scores.softmax(0) @ v[s, h, keys]
+    return out
+
+
+def test_random_segments_cover_padding_and_several_images():
+    _, _, _, segment = random_qkv()
+    assert (segment == -1).any()
+    assert int(segment.max()) >= 1
+    assert (segment[-1] >= 0).all()
+
+
+def test_reference_equals_naive_loop():
+    q, k, v, segment = random_qkv(S=2, L=12)
+    torch.testing.assert_close(reference_attend(q, k, v, segment), naive_attend(q, k, v, segment),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_same_segment_mask_is_block_diagonal():
+    segment = torch.tensor([[0, 0, 1, -1]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert same_segment_mask(segment).shape == (1, 1, 4, 4)
+    assert torch.equal(same_segment_mask(segment)[0, 0], expected)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_backend_matches_reference(name, seed):
+    q, k, v, segment = random_qkv(seed=seed)
+    out = get_attend(name)(q, k, v, segment)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, reference_attend(q, k, v, segment), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_backend_gradients_match_reference(name):
+    q, k, v, segment = random_qkv(seed=3)
+    w = torch.randn_like(q)
+    grads = []
+    for fn in (get_attend(name), reference_attend):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        (fn(qq, kk, vv, segment) * w).sum().backward()
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_no_nan_for_padding_rows(name):
+    q, k, v, segment = random_qkv(seed=4)
+    segment[0, 5:] = -1  # a long stretch of padding
+    q.requires_grad_()
+    out = get_attend(name)(q, k, v, segment)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_fully_padded_sequence_is_finite(name):
+    q, k, v, _ = random_qkv(S=1, seed=5)
+    segment = torch.full((1, q.shape[2]), -1)
+    assert torch.isfinite(get_attend(name)(q, k, v, segment)).all()
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_tokens_never_attend_across_images(name):
+    q, k, v, segment = random_qkv(seed=6)
+    attend = get_attend(name)
+    base = attend(q, k, v, segment)
+    for s in range(segment.shape[0]):
+        for slot in segment[s].unique().tolist():
+            other = segment[s] != slot
+            if not other.any():
+                continue
+            k2, v2 = k.clone(), v.clone()
+            k2[s, :, other] = torch.randn_like(k2[s, :, other]) * 100
+            v2[s, :, other] = torch.randn_like(v2[s, :, other]) * 100
+            out = attend(q, k2, v2, segment)
+            mine = segment[s] == slot
+            torch.testing.assert_close(out[s, :, mine], base[s, :, mine], atol=1e-6, rtol=0)
+            # other sequences untouched entirely
+            rest = [t for t in range(segment.shape[0]) if t != s]
+            torch.testing.assert_close(out[rest], base[rest], atol=1e-6, rtol=0)
+            # and the perturbed tokens' outputs did change (the perturbation is real)
+            assert not torch.allclose(out[s, :, other], base[s, :, other])
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_sequence_position_does_not_matter(name):
+    """An image's outputs depend only on its own tokens, not on where it sits in the sequence."""
+    g = torch.Generator().manual_seed(7)
+    H, Dh, n = 2, 8, 5
+    q, k, v = (torch.randn(1, H, n, Dh, generator=g) for _ in range(3))
+    alone = get_attend(name)(q, k, v, torch.zeros(1, n, dtype=torch.long))
+    L = 16
+    Q, K, V = (torch.randn(1, H, L, Dh, generator=g) for _ in range(3))
+    for t, src in ((Q, q), (K, k), (V, v)):
+        t[:, :, 7:7 + n] = src
+    segment = torch.tensor([[0] * 7 + [1] * n + [-1] * (L - 7 - n)])
+    packed = get_attend(name)(Q, K, V, segment)
+    torch.testing.assert_close(packed[:, :, 7:7 + n], alone, atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="no-such-backend"):
+        get_attend("no-such-backend")
+
+
+def test_auto_is_a_known_backend():
+    assert get_attend("auto") in BACKENDS.values()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestCudaSdpa:
+    def test_sdpa_bf16_cuda_matches_fp32_reference(self):
+        q, k, v, segment = random_qkv(S=4, H=4, L=64, Dh=32, seed=8)
+        ref = reference_attend(q, k, v, segment)
+        dev = torch.device("cuda")
+        out = BACKENDS["sdpa"](*(t.to(dev, torch.bfloat16) for t in (q, k, v)), segment.to(dev))
+        assert out.dtype == torch.bfloat16
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
+
+    def test_auto_bf16_cuda_keeps_images_apart(self):
+        q, k, v, segment = random_qkv(S=2, H=4, L=64, Dh=32, seed=9)
+        dev = torch.device("cuda")
+        q, k, v = (t.to(dev, torch.bfloat16) for t in (q, k, v))
+        segment = segment.to(dev)
+        attend = get_attend("auto")
+        base = attend(q, k, v, segment)
+        other = segment[0] != 0
+        k2, v2 = k.clone(), v.clone()
+        k2[0, :, other] += 5
+        v2[0, :, other] += 5
+        out = attend(q, k2, v2, segment)
+        mine = segment[0] == 0
+        torch.testing.assert_close(out[0, :, mine], base[0, :, mine], atol=1e-6, rtol=0)

@@ -1,0 +1,126 @@
+"""The whole slice through the real CLI, in subprocesses: shards -> train under DeepSpeed ->
+checkpoint -> resume (also after a hard kill) -> zero-shot eval -> export -> standalone loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from navit_clip.data.digits import make_digit_shards
+from navit_clip.data.loader import PackedStream, StreamSpec
+from navit_clip.train.checkpoint import latest_tag, load_trained_model
+from navit_clip.train.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.embed_dim=64", "model.vision.width=64", "model.vision.depth=2", "model.vision.heads=2",
+    "model.text.width=64", "model.text.depth=2", "model.text.heads=2",
+    "data.seq_len=128", "data.max_images=8", "data.sequences_per_batch=4", "data.max_tokens_per_image=48",
+    "data.num_workers=1", "optim.warmup_steps=5", "optim.lr=2e-3", "train.log_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict:
+    return make_digit_shards(tmp_path_factory.mktemp("digits"), train_copies=1, eval_per_class=10,
+                             max_train_digits=600, shards_train=4, shards_eval=1)
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "navit_clip", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, f"navit-clip {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def train_args(digits: dict, out: Path, steps: int, ckpt_every: int) -> list[str]:
+    return ["train", *TINY, f"data.train_shards={digits['train_shards']}", f"data.eval_shards={digits['eval_shards']}",
+            f"train.out_dir={out}", f"train.steps={steps}", f"train.ckpt_every={ckpt_every}"]
+
+
+def test_train_resume_eval_export(digits, tmp_path):
+    run = tmp_path / "run"
+    cli(*train_args(digits, run, steps=40, ckpt_every=20))
+    rows = read_jsonl(run / "metrics.jsonl")
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, f"loss did not fall: {losses}"
+    assert latest_tag(run / "checkpoints") == "step40"
+
+    # Resume: a longer run continues from step 40, and its steps continue the same metrics file.
+    cli(*train_args(digits, run, steps=50, ckpt_every=20))
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert steps == list(range(2, 52, 2))
+    assert latest_tag(run / "checkpoints") == "step50"
+    # keep_checkpoints=2: only the two newest remain
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step40", "step50"]
+
+    proc = cli("eval", "--run", str(run))
+    result = json.loads((run / "eval" / "zeroshot.json").read_text())
+    assert result["num_images"] == 100 and result["num_classes"] == 10 and result["step"] == 50
+    assert 0.0 <= result["acc1"] <= result["acc5"] <= 1.0
+    assert "acc1" in proc.stdout
+    # any token budget: evaluate the same checkpoint with half the tokens per image
+    cli("eval", "--run", str(run), "--out", str(tmp_path / "small.json"), "eval.max_tokens_per_image=24")
+    assert json.loads((tmp_path / "small.json").read_text())["max_tokens_per_image"] == 24
+
+    cli("export", "--run", str(run), "--out", str(tmp_path / "encoder"))
+    from navit_clip.export import load_image_encoder
+
+    encoder = load_image_encoder(tmp_path / "encoder")
+    model, cfg, _ = load_trained_model(run)
+    spec = StreamSpec(shards=digits["eval_shards"], patch_size=8, max_side=32, text_len=32, seq_len=128,
+                      max_images=8, sequences_per_batch=4, max_tokens=48, shuffle_buffer=0, loop=False)
+    batch = next(iter(PackedStream(spec)))
+    with torch.no_grad():
+        expected = model.encode_image_slots(batch)[batch.valid.flatten()]
+        got = encoder(batch)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
+    """Stopping at step 12 and resuming gives the same losses as never stopping: model, optimizer,
+    LR schedule and data position all come back from the checkpoint."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cli(*train_args(digits, straight, steps=24, ckpt_every=12))
+    cli(*train_args(digits, split, steps=12, ckpt_every=12))
+    cli(*train_args(digits, split, steps=24, ckpt_every=12))
+    a = {r["step"]: r["loss"] for r in read_jsonl(straight / "metrics.jsonl")}
+    b = {r["step"]: r["loss"] for r in read_jsonl(split / "metrics.jsonl")}
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-4), f"step {step}: {a[step]} vs {b[step]}"
+
+
+def test_hard_kill_resumes_from_last_complete_checkpoint(digits, tmp_path):
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=400, ckpt_every=5)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and latest_tag(run / "checkpoints") in (None, "step5"):
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = latest_tag(run / "checkpoints")
+    assert killed_at is not None and killed_at != "step5", "training made no progress before the kill"
+    # a half-written checkpoint newer than `latest` must be ignored
+    (run / "checkpoints" / "step999").mkdir()
+    out = cli(*train_args(digits, run, steps=int(killed_at[4:]) + 4, ckpt_every=100))
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["resumed_from"] == int(killed_at[4:])
+    assert latest_tag(run / "checkpoints") == f"step{int(killed_at[4:]) + 4}"

@@ -1,0 +1,100 @@
+"""patchify / unpatchify: exact round trip, (row, col) coords in row-major order, (p1 p2 c) layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from navit_clip.data.patches import patchify, unpatchify
+
+
+def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1}[mode]
+    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode)
+
+
+@pytest.mark.parametrize("rows, cols, patch", [(1, 1, 8), (3, 5, 8), (5, 3, 4), (2, 7, 16), (4, 4, 14)])
+def test_round_trip_exact_at_native_size(rows, cols, patch):
+    image = random_image(cols * patch, rows * patch, seed=rows * 10 + cols)
+    patches, coords = patchify(image, rows, cols, patch)
+    assert patches.shape == (rows * cols, patch * patch * 3) and patches.dtype == np.uint8
+    assert coords.shape == (rows * cols, 2) and coords.dtype == np.int64
+    np.testing.assert_array_equal(unpatchify(patches, rows, cols, patch), np.asarray(image))
+
+
+@pytest.mark.parametrize("size, rows, cols", [((200, 50), 2, 8), ((50, 200), 8, 2), ((37, 91), 5, 3),
+                                               ((16, 16), 3, 3), ((640, 480), 6, 8)])
+def test_round_trip_equals_resized_image(size, rows, cols):
+    patch = 8
+    image = random_image(*size, seed=size[0])
+    patches, _ = patchify(image, rows, cols, patch)
+    resized = image.resize((cols * patch, rows * patch), Image.Resampling.BICUBIC, reducing_gap=None)
+    restored = unpatchify(patches, rows, cols, patch)
+    assert restored.shape == (rows * patch, cols * patch, 3)
+    np.testing.assert_array_equal(restored, np.asarray(resized))
+
+
+def test_resize_preserves_content_of_smooth_image():
+    """A downscaled smooth gradient stays close to the analytic gradient (the resize is real)."""
+    width, height, patch, rows, cols = 256, 128, 8, 4, 8
+    xs = np.tile(np.linspace(0, 255, width), (height, 1))
+    pixels = np.stack([xs, xs, xs], axis=-1).astype(np.uint8)
+    patches, _ = patchify(Image.fromarray(pixels), rows, cols, patch)
+    restored = unpatchify(patches, rows, cols, patch).astype(float)
+    expected = np.linspace(0, 255, cols * patch)
+    assert np.abs(restored[:, :, 0].mean(axis=0) - expected).max() < 6
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (2, 3), (4, 1), (1, 6), (3, 3)])
+def test_coords_row_major(rows, cols):
+    _, coords = patchify(random_image(cols * 4, rows * 4), rows, cols, 4)
+    expected = [(r, c) for r in range(rows) for c in range(cols)]
+    assert [tuple(x) for x in coords.tolist()] == expected
+    index = np.arange(rows * cols)
+    np.testing.assert_array_equal(coords[:, 0], index // cols)
+    np.testing.assert_array_equal(coords[:, 1], index % cols)
+
+
+@pytest.mark.parametrize("y, x, ch", [(0, 0, 0), (0, 0, 2), (5, 9, 1), (7, 23, 2), (13, 4, 0), (15, 31, 2)])
+def test_pixel_lands_at_expected_index(y, x, ch):
+    """Layout (p1 p2 c): pixel (y, x, ch) is patch (y//P)*cols + x//P, feature ((y%P)*P + x%P)*C + ch."""
+    patch, rows, cols = 8, 2, 4
+    pixels = np.zeros((rows * patch, cols * patch, 3), dtype=np.uint8)
+    pixels[y, x, ch] = 200
+    patches, coords = patchify(Image.fromarray(pixels), rows, cols, patch)
+    index = (y // patch) * cols + x // patch
+    feature = ((y % patch) * patch + x % patch) * 3 + ch
+    assert patches[index, feature] == 200
+    assert int(patches.astype(np.int64).sum()) == 200  # and nowhere else
+    assert tuple(coords[index]) == (y // patch, x // patch)
+
+
+def test_layout_on_distinct_values():
+    """Every value of a fully distinct image appears where the (p1 p2 c) layout puts it."""
+    patch, rows, cols = 2, 2, 3
+    pixels = (np.arange(rows * patch * cols * patch * 3) % 256).astype(np.uint8).reshape(rows * patch, cols * patch, 3)
+    patches, _ = patchify(Image.fromarray(pixels), rows, cols, patch)
+    for r in range(rows):
+        for c in range(cols):
+            block = pixels[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch, :]
+            np.testing.assert_array_equal(patches[r * cols + c], block.reshape(-1))
+
+
+def test_grayscale_has_one_channel():
+    image = random_image(16, 8, mode="L")
+    patches, coords = patchify(image, 1, 2, 8)
+    assert patches.shape == (2, 64)
+    restored = unpatchify(patches, 1, 2, 8, channels=1)
+    np.testing.assert_array_equal(restored[:, :, 0], np.asarray(image))
+
+
+def test_patches_are_contiguous_and_independent():
+    image = random_image(32, 32)
+    patches, _ = patchify(image, 4, 4, 8)
+    assert patches.flags["C_CONTIGUOUS"]
+    before = np.asarray(image).copy()
+    patches[:] = 0
+    np.testing.assert_array_equal(np.asarray(image), before)
