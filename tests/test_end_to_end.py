@@ -124,3 +124,23 @@ def test_hard_kill_resumes_from_last_complete_checkpoint(digits, tmp_path):
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["resumed_from"] == int(killed_at[4:])
     assert latest_tag(run / "checkpoints") == f"step{int(killed_at[4:]) + 4}"
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(digits, tmp_path):
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=400, ckpt_every=1000)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    deadline = time.time() + 240
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and len(read_jsonl(metrics)) >= 2):
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    summary = json.loads(out[out.index("{"):])
+    assert summary["stopped_early"] and 4 <= summary["steps"] < 400
+    assert latest_tag(run / "checkpoints") == f"step{summary['steps']}"  # not a multiple of ckpt_every
+    # and the next run continues from there
+    again = cli(*train_args(digits, run, steps=summary["steps"] + 2, ckpt_every=1000))
+    assert json.loads(again.stdout[again.stdout.index("{"):])["resumed_from"] == summary["steps"]

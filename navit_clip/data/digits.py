@@ -20,10 +20,11 @@ from PIL import Image
 from navit_clip.data.shards import write_shards
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-COLOURS = {
-    "black": (20, 20, 20), "white": (235, 235, 235), "red": (210, 40, 40),
-    "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40),
-}
+# Light ink on dark paper in shades of grey, like MNIST itself. With coloured ink and paper a
+# small model on two CPU cores needed several times more steps to start telling digits apart
+# (supervised probe, 300 steps: 10% with six colours vs 28% in black and white).
+INK = {"white": (240, 240, 240), "light grey": (190, 190, 190)}
+PAPER = {"black": (10, 10, 10), "dark grey": (60, 60, 60)}
 # Every caption names the digit; colours and placement are added only sometimes. When every
 # caption spelled out colours and position, those alone told the ~40 pairs of a batch apart
 # and a short CPU run learned them instead of the digits (zero-shot accuracy stayed at chance).
@@ -68,13 +69,13 @@ def render(digit: np.ndarray, label: int, rng: np.random.Generator, spec: Canvas
     aspect = 1.0 if shape == "square" else float(rng.uniform(1.5, 4.0))
     long = min(spec.max_long_side, int(short * aspect))
     width, height = (long, short) if shape == "wide" else (short, long) if shape == "tall" else (short, short)
-    fg, bg = rng.choice(list(COLOURS), size=2, replace=False)
+    fg, bg = rng.choice(list(INK)), rng.choice(list(PAPER))
     size = max(8, int(short * rng.uniform(*spec.digit_fraction)))
     glyph = Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR)
     x = int(rng.integers(0, width - size + 1))
     y = int(rng.integers(0, height - size + 1))
-    canvas = Image.new("RGB", (width, height), COLOURS[bg])
-    canvas.paste(Image.new("RGB", (size, size), COLOURS[fg]), (x, y), mask=glyph)
+    canvas = Image.new("RGB", (width, height), PAPER[bg])
+    canvas.paste(Image.new("RGB", (size, size), INK[fg]), (x, y), mask=glyph)
     centre = (x + size / 2) / width if shape == "wide" else (y + size / 2) / height
     if shape == "square":
         where = "in the middle"

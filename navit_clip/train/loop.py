@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -127,10 +128,12 @@ def train(cfg: Config) -> dict[str, Any]:
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=not dist.is_main(), desc="train", dynamic_ncols=True)
     loss_value, seen_images, skipped, tick = math.nan, 0, 0, time.perf_counter()
+    stop = StopRequest()
+    done, stopping = start_step, 0.0
     for step in progress:
         batch = next(batches)
-        counts = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum())],
-                              dtype=torch.float64)
+        counts = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum()),
+                               float(stop.requested)], dtype=torch.float64)
         out = engine(batch.to(device))
         loss = contrastive_loss(out["image"].float(), out["text"].float(), out["valid"], out["logit_scale"].float(),
                                 None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss)
@@ -138,7 +141,7 @@ def train(cfg: Config) -> dict[str, Any]:
         engine.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower optim.lr or check the data")
-        images, skipped_now, padded = dist.all_reduce_sum(counts).tolist()
+        images, skipped_now, padded, stopping = dist.all_reduce_sum(counts).tolist()
         seen_images += int(images)
         skipped += int(skipped_now)
         loss_value = loss.item()
@@ -146,17 +149,40 @@ def train(cfg: Config) -> dict[str, Any]:
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             tokens = dist.world_size() * batch.num_sequences * batch.seq_len
-            metrics.log(step=done, loss=loss_value, lr=scheduler.get_last_lr()[0],
+            metrics.log(step=done, world_size=dist.world_size(), loss=loss_value, lr=scheduler.get_last_lr()[0],
                         logit_scale=out["logit_scale"].item(), images_per_step=int(images),
                         padding=padded / tokens, skipped_samples=skipped,
                         sec_per_step=elapsed / cfg.train.log_every)
             progress.set_postfix(loss=f"{loss_value:.3f}", imgs=int(images), scale=f"{out['logit_scale'].item():.1f}")
-        if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps or stopping:
             save_checkpoint(engine, ckpt_dir, done, batches.state_dict(), cfg)
+        if stopping:
+            log.warning("stop requested (SIGTERM/SIGINT): saved step %d to %s, exiting", done, ckpt_dir)
+            break
     progress.close()
-    return {"steps": cfg.train.steps, "resumed_from": start_step, "final_loss": loss_value,
+    stop.restore()
+    return {"steps": done if stopping else cfg.train.steps, "stopped_early": bool(stopping),
+            "resumed_from": start_step, "final_loss": loss_value,
             "images_seen": seen_images, "skipped_samples": skipped, "out_dir": str(out_dir),
             "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or ""))}
+
+
+class StopRequest:
+    """SIGTERM (a preempted job) or SIGINT asks the loop to checkpoint the current step and stop.
+    The flag travels in the per-step all-reduce, so every rank saves and stops at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if self.requested:  # a second signal: stop right away
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, data_state: dict, cfg: Config) -> None:

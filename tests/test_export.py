@@ -1,0 +1,116 @@
+"""The exported image encoder: same embeddings as the training model, any image size, feature grids."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from navit_clip.config import ModelConfig, TextConfig, VisionConfig
+from navit_clip.data.packing import PatchedImage, pack
+from navit_clip.data.patches import patchify
+from navit_clip.data.resolution import fit_grid
+from navit_clip.export import export_image_encoder, load_image_encoder
+from navit_clip.model.clip import NaViTCLIP
+
+VISION = VisionConfig(patch_size=4, width=32, depth=2, heads=2, max_grid_side=16)
+
+
+@pytest.fixture(scope="module")
+def trained_and_exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = NaViTCLIP(ModelConfig(vision=VISION, text=TextConfig(width=32, depth=1, heads=2, context_length=8),
+                                  embed_dim=24)).eval()
+    with torch.no_grad():  # move weights off their init so a wrong tensor mapping cannot pass
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = export_image_encoder(model, tmp_path_factory.mktemp("enc"), max_tokens_per_image=40, seq_len=64,
+                                max_images=4)
+    return model, path
+
+
+def random_images(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(3, 20, 60), (3, 50, 12), (3, 16, 16), (1, 30, 30), (3, 9, 41)]
+    return [torch.randint(0, 256, s, generator=gen, dtype=torch.uint8) for s in sizes]
+
+
+def training_path_embedding(model: NaViTCLIP, image: torch.Tensor) -> torch.Tensor:
+    """The training model's embedding of one image packed alone by the data pipeline."""
+    array = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")
+    rows, cols = fit_grid(pil.width, pil.height, VISION.patch_size, 40, VISION.max_grid_side)
+    patches, coords = patchify(pil, rows, cols, VISION.patch_size)
+    batch = pack([PatchedImage("x", patches, coords, (rows, cols), np.zeros(1, np.int64))], 64, 4)
+    with torch.no_grad():
+        return model.encode_image_slots(batch)[batch.valid.flatten()][0]
+
+
+def test_files_and_config(trained_and_exported):
+    _, path = trained_and_exported
+    config = json.loads((path / "config.json").read_text())
+    assert config["vision"]["patch_size"] == 4 and config["embed_dim"] == 24 and config["seq_len"] == 64
+    assert (path / "image_encoder.safetensors").stat().st_size > 0
+
+
+def test_list_of_images_matches_training_model_in_input_order(trained_and_exported):
+    model, path = trained_and_exported
+    encoder = load_image_encoder(path)
+    images = random_images()
+    with torch.no_grad():
+        got = encoder(images)
+    assert got.shape == (len(images), 24)
+    for i, image in enumerate(images):
+        torch.testing.assert_close(got[i], training_path_embedding(model, image), atol=1e-5, rtol=1e-5)
+
+
+def test_float_images_in_unit_range_equal_uint8(trained_and_exported):
+    encoder = load_image_encoder(trained_and_exported[1])
+    images = random_images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder([im.float() / 255 for im in images]), encoder(images), atol=1e-6, rtol=0)
+
+
+def test_packed_batch_input_and_unnormalized(trained_and_exported):
+    model, path = trained_and_exported
+    encoder = load_image_encoder(path)
+    batch = encoder.pack_images(random_images(2))
+    with torch.no_grad():
+        expected = model.encode_image_slots(batch)[batch.valid.flatten()]
+        torch.testing.assert_close(encoder(batch), expected, atol=1e-6, rtol=1e-5)
+        raw = encoder(batch, normalize=False)
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(raw)))
+
+
+def test_forward_features_grids_follow_each_image_shape(trained_and_exported):
+    encoder = load_image_encoder(trained_and_exported[1])
+    images = random_images(3)
+    with torch.no_grad():
+        out = encoder.forward_features(images, layers=(0,))
+    for image, grid, layer0 in zip(images, out["grids"], out["layer_0"]):
+        rows, cols = fit_grid(image.shape[2], image.shape[1], 4, 40, 16)
+        assert grid.shape == (rows, cols, 32) and layer0.shape == (rows, cols, 32)
+        assert not torch.equal(grid, layer0)
+    with torch.no_grad():  # a smaller token budget gives smaller grids
+        small = encoder.forward_features(images[:1], max_tokens=8)["grids"][0]
+    assert small.shape[0] * small.shape[1] <= 8
+
+
+def test_bad_inputs_and_paths_are_named(trained_and_exported, tmp_path):
+    encoder = load_image_encoder(trained_and_exported[1])
+    with pytest.raises(ValueError, match="image 1"):
+        encoder([torch.zeros(3, 8, 8, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        encoder([torch.full((3, 8, 8), 2.0)])
+    with pytest.raises(ValueError, match="at least one"):
+        encoder([])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_image_encoder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": 99}))
+    (tmp_path / "image_encoder.safetensors").write_bytes((trained_and_exported[1] / "image_encoder.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="format_version"):
+        load_image_encoder(tmp_path)

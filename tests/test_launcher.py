@@ -1,0 +1,58 @@
+"""Two ranks started by the deepspeed launcher (gloo on CPU): training, checkpoint, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from navit_clip.data.digits import make_digit_shards
+from navit_clip.train.checkpoint import latest_tag, load_trained_model
+from navit_clip.train.metrics import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
+    "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
+    "data.seq_len=96", "data.max_images=6", "data.sequences_per_batch=2", "data.max_tokens_per_image=32",
+    "data.num_workers=1", "optim.warmup_steps=2", "train.log_every=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(out: Path, shards: str, steps: int) -> subprocess.CompletedProcess:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "navit_clip.cli", "train",
+           *TINY, f"data.train_shards={shards}", f"train.out_dir={out}", f"train.steps={steps}", "train.ckpt_every=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, f"deepspeed launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_two_ranks_train_checkpoint_and_resume(tmp_path):
+    info = make_digit_shards(tmp_path / "digits", train_copies=1, eval_per_class=2, max_train_digits=200,
+                             shards_train=4, shards_eval=1)
+    run = tmp_path / "run"
+    launch(run, info["train_shards"], steps=3)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["world_size"] == 2 for r in rows)
+    assert latest_tag(run / "checkpoints") == "step3"
+
+    launch(run, info["train_shards"], steps=5)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # resumed at 3: nothing repeated, nothing lost
+    model, cfg, step = load_trained_model(run)
+    assert step == 5 and cfg.model.vision.width == 32
