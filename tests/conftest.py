@@ -7,6 +7,7 @@ names specific (e.g. `tiny_shards`, not `shards`).
 from __future__ import annotations
 
 import io
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,13 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> TinyShards:
     spec = str(directory / f"tiny-{{000000..{len(paths) - 1:06d}}}.tar")
     return TinyShards(spec=spec, count=len(samples), paths=tuple(paths), keys=tuple(keys), sizes=sizes,
                       captions=captions, labels=labels, directory=directory)
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    """A tar shard written member by member, for shards the library's writer would refuse."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)

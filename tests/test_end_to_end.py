@@ -37,14 +37,21 @@ def digits(tmp_path_factory) -> dict:
                              max_train_digits=600, shards_train=4, shards_eval=1)
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without launcher variables. MKL_CBWR: MKL's reproducible mode, so that two
+    identical runs agree to ~1e-7 (without it, results depend on memory alignment and drift apart
+    by ~1e-4 within a dozen steps)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONUNBUFFERED": "1", "MKL_CBWR": "COMPATIBLE"}
+
+
+def start(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "navit_clip", *args], env=clean_env(), text=True, **popen)
+
+
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    # MKL_CBWR: MKL's reproducible mode, so that two identical runs agree to ~1e-7 (without it,
-    # results depend on memory alignment and drift apart by ~1e-4 within a dozen steps)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MKL_CBWR": "COMPATIBLE"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "navit_clip", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=clean_env())
     assert proc.returncode == 0, f"navit-clip {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -114,9 +121,8 @@ def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
 
 def test_hard_kill_resumes_from_last_complete_checkpoint(digits, tmp_path):
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.Popen([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=400, ckpt_every=5)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = start(*train_args(digits, run, steps=400, ckpt_every=5), stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and latest_tag(run / "checkpoints") in (None, "step5"):
@@ -136,9 +142,7 @@ def test_hard_kill_resumes_from_last_complete_checkpoint(digits, tmp_path):
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(digits, tmp_path):
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.Popen([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=400, ckpt_every=1000)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    proc = start(*train_args(digits, run, steps=400, ckpt_every=1000), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     metrics = run / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and len(read_jsonl(metrics)) >= 2):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import tarfile
 from collections import Counter
 from dataclasses import replace
 
@@ -19,6 +18,8 @@ from navit_clip.data.loader import PackedStream, ResumableBatches, StreamSpec, m
 from navit_clip.data.patches import patchify, unpatchify
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.data.shards import ReadStats, ShardSplit, read_samples
+
+from conftest import write_tar
 
 SOT, EOT = 49406, 49407  # open_clip BPE start / end of text
 
@@ -46,14 +47,6 @@ def png(width: int, height: int, seed: int) -> bytes:
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def write_tar(path, members) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

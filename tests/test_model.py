@@ -15,7 +15,7 @@ from navit_clip.config import ModelConfig, TextConfig, VisionConfig
 from navit_clip.data.packing import PatchedImage, pack, to_packed_batch
 from navit_clip.model.attention import get_attend
 from navit_clip.model.clip import NaViTCLIP
-from navit_clip.model.navit import NaViT, unpack_grids
+from navit_clip.model.navit import unpack_grids
 from navit_clip.model.pooling import MaskedAttentionPool
 from navit_clip.model.posemb import FactorizedPosEmb
 from navit_clip.model.text import TextTransformer

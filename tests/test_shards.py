@@ -24,6 +24,8 @@ from navit_clip.data.shards import (
     split_shards,
 )
 
+from conftest import write_tar
+
 
 def png(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -31,14 +33,6 @@ def png(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
     Image.fromarray(pixels).convert(mode).save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def forged_png_header(width: int, height: int) -> bytes:
