@@ -132,6 +132,7 @@ class Config:
             ("train.steps", self.train.steps >= 1, "must be >= 1"),
             ("train.precision", self.train.precision in {"fp32", "bf16"}, "must be fp32 or bf16"),
             ("train.ckpt_every", self.train.ckpt_every >= 1, "must be >= 1"),
+            ("train.log_every", self.train.log_every >= 1, "must be >= 1"),
             ("train.keep_checkpoints", self.train.keep_checkpoints >= 1, "must be >= 1"),
             ("optim.lr", self.optim.lr > 0, "must be > 0"),
             ("eval.templates", self.eval.templates in {"dataset", "imagenet"}, "must be dataset or imagenet"),

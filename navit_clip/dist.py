@@ -73,6 +73,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank src's value on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (no autograd), e.g. for metrics."""
     if is_initialized() and world_size() > 1:

@@ -92,7 +92,7 @@ class ImageEncoder(nn.Module):
         batch = batch.to(self.image_proj.weight.device)
         tokens, kept = self.visual.forward_tokens(batch.patches, batch.coords, batch.segment, layers=layers)
         out = {"grids": self._restore(unpack_grids(tokens, batch.coords, batch.segment, batch.grid, batch.valid), order)}
-        for layer, feats in zip(layers, kept):
+        for layer, feats in kept.items():
             out[f"layer_{layer}"] = self._restore(unpack_grids(feats, batch.coords, batch.segment, batch.grid,
                                                                batch.valid), order)
         return out

@@ -80,6 +80,13 @@ def test_train_resume_eval_export(digits, tmp_path):
     # keep_checkpoints=2: only the two newest remain
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step60", "step68"]
 
+    # refusals that name the problem: reusing a run dir without resume, resuming a different stream
+    for extra, message in (["train.resume=false"], "train.resume=true"), (["data.max_images=12"], "max_images"):
+        bad = subprocess.run([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=72, ckpt_every=30),
+                              *extra], capture_output=True, text=True, env=clean_env(), timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+    assert latest_tag(run / "checkpoints") == "step68"
+
     proc = cli("eval", "--run", str(run))
     result = json.loads((run / "eval" / "zeroshot.json").read_text())
     assert result["num_images"] == 100 and result["num_classes"] == 10 and result["step"] == 68
@@ -142,12 +149,15 @@ def test_hard_kill_resumes_from_last_complete_checkpoint(digits, tmp_path):
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(digits, tmp_path):
     run = tmp_path / "run"
-    proc = start(*train_args(digits, run, steps=400, ckpt_every=1000), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = start(*train_args(digits, run, steps=400, ckpt_every=1000), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                 start_new_session=True)
     deadline = time.time() + 240
     metrics = run / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and len(read_jsonl(metrics)) >= 2):
         time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
+    # to the whole process group, as Slurm and the deepspeed launcher do: the DataLoader worker
+    # gets it too and must not die before the trainer has saved
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     summary = json.loads(out[out.index("{"):])

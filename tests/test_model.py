@@ -273,7 +273,7 @@ def test_unpack_grids_matches_forward_tokens(model):
     batch = to_packed_batch(order, seq_len=48, max_images=3, patch_dim=P * P * C, text_len=CTX)
     with torch.no_grad():
         tokens, kept = model.visual.forward_tokens(batch.patches, batch.coords, batch.segment)
-    assert kept == []
+    assert kept == {}
     assert tokens.shape == (2, 48, 32)
     grids = unpack_grids(tokens, batch.coords, batch.segment, batch.grid, batch.valid)
     assert len(grids) == 4
@@ -318,6 +318,11 @@ def test_forward_tokens_returns_intermediate_layers(model):
         assert len(kept2) == 2
         torch.testing.assert_close(kept2[0], kept[0], atol=0, rtol=0)
         torch.testing.assert_close(visual.norm(kept2[1]), final2, atol=1e-6, rtol=1e-6)
+        # outputs are keyed by block index whatever order the layers were asked in
+        _, kept3 = visual.forward_tokens(batch.patches, batch.coords, batch.segment, layers=(1, 0))
+        torch.testing.assert_close(kept3[0], kept[0], atol=0, rtol=0)
+        with pytest.raises(ValueError, match="blocks 0..1"):
+            visual.forward_tokens(batch.patches, batch.coords, batch.segment, layers=(2,))
 
 
 def test_navit_forward_shape_and_grid_side_limit(model):

@@ -84,3 +84,28 @@ def test_missing_dataset_json_is_named(tmp_path, tiny_shards):
     shutil.copy(tiny_shards.paths[0], tmp_path / "a.tar")
     with pytest.raises(FileNotFoundError, match="dataset.json"):
         load_task(str(tmp_path / "a.tar"))
+
+
+def test_repeated_keys_and_bad_labels(setup, tmp_path):
+    """Two shards written separately reuse keys; a label outside the classes is skipped, counted."""
+    from PIL import Image
+
+    from navit_clip.data.shards import write_shards
+
+    def shard(name, labels):
+        samples = []
+        for i, label in enumerate(labels):
+            img = Image.new("RGB", (24 + 8 * i, 16), (40 * i, 100, 200 - 30 * label if label >= 0 else 0))
+            import io
+
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            samples.append({"__key__": f"k{i}", "png": buf.getvalue(), "txt": "x", "json": {"label": label}})
+        return write_shards(samples, str(tmp_path / f"{name}-%06d.tar"), max_per_shard=10)[0]
+
+    a, b = shard("a", [0, 1, 2]), shard("b", [3, 4, 99])
+    model, cfg = setup
+    task = ZeroShotTask(shards=f"{a},{b}", class_names=CLASSES, templates=["{}"])
+    result = evaluate(model, task, cfg, progress=False)
+    assert result["num_images"] == 5 and result["skipped_samples"] == {"label_out_of_range": 1}
+    assert sum(v is not None for v in result["per_class_acc1"].values()) == 5

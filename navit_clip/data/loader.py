@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -113,10 +114,18 @@ class PackedStream(IterableDataset):
                                    f"(skipped: {dict(stats.skipped)})")
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process, which checkpoints and then stops
+    them; a worker that died first would take the run down before it could save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(spec: StreamSpec, *, rank: int = 0, world: int = 1, num_workers: int = 0) -> DataLoader:
     """A DataLoader yielding ready PackedBatches (the packer already batches)."""
     return DataLoader(PackedStream(spec, rank, world), batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+                      worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
 
 
 class ResumableBatches:

@@ -101,6 +101,9 @@ def split_shards(shards: list[str], rank: int, world: int, worker: int, num_work
     readers = world * num_workers
     reader = rank * num_workers + worker
     if len(shards) >= readers:
+        if len(shards) % readers:
+            log.warning("%d shards over %d readers: readers with fewer shards repeat theirs more often "
+                        "(use a multiple of %d shards for even sampling)", len(shards), readers, readers)
         return ShardSplit(tuple(shards[reader::readers]))
     log.warning("%d shards for %d readers: every reader scans all shards and keeps 1/%d of the samples",
                 len(shards), readers, readers)

@@ -79,12 +79,18 @@ def text_classifier(model: NaViTCLIP, class_names: Sequence[str], templates: Seq
 def _labelled_images(task: ZeroShotTask, policy: ResolutionPolicy, text_len: int,
                      labels: dict[str, int], stats: ReadStats) -> Iterator:
     tokenizer = CaptionTokenizer(text_len)
-    for sample in read_samples(ShardSplit(tuple(expand_shards(task.shards))), stats):
-        if task.label_key not in sample.meta:
-            stats.skipped["no_label"] += 1
+    num_classes = len(task.class_names)
+    for index, sample in enumerate(read_samples(ShardSplit(tuple(expand_shards(task.shards))), stats)):
+        label = sample.meta.get(task.label_key)
+        if not isinstance(label, int) or not 0 <= label < num_classes:
+            reason = "no_label" if label is None else "label_out_of_range"
+            stats.skipped[reason] += 1
+            log.warning("skipping eval sample %s: %s %r", sample.key, reason, label)
             continue
-        labels[sample.key] = int(sample.meta[task.label_key])
-        yield to_patched(sample, policy, tokenizer, rng=None)
+        image = to_patched(sample, policy, tokenizer, rng=None)
+        image.key = f"{index}/{sample.key}"  # sample keys may repeat across shards; this cannot
+        labels[image.key] = label
+        yield image
 
 
 @torch.no_grad()

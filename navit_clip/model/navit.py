@@ -42,16 +42,19 @@ class NaViT(nn.Module):
         return rearrange((x - self.pixel_mean) / self.pixel_std, "... pp c -> ... (pp c)").to(dtype)
 
     def forward_tokens(self, patches: torch.Tensor, coords: torch.Tensor, segment: torch.Tensor,
-                       layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Token features [S, L, width] after the final norm, plus the outputs of the blocks named
-        in `layers` (0-based), for dense downstream heads."""
+                       layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Token features [S, L, width] after the final norm, plus {block index: output} for the
+        blocks named in `layers` (0-based), for dense downstream heads."""
+        bad = [i for i in layers if not 0 <= i < len(self.blocks)]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: the model has blocks 0..{len(self.blocks) - 1}")
         x = self.patch_embed(self.normalize(patches)) + self.pos_emb(coords).to(self.patch_embed[1].weight.dtype)
         attend = lambda q, k, v: self.attend(q, k, v, segment)  # noqa: E731
-        kept = []
+        kept: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks):
             x = block(x, attend)
             if index in layers:
-                kept.append(x)
+                kept[index] = x
         return self.norm(x), kept
 
     def forward(self, patches: torch.Tensor, coords: torch.Tensor, segment: torch.Tensor, max_images: int) -> torch.Tensor:

@@ -1,11 +1,12 @@
-"""DeepSpeed checkpoints that load with `weights_only=True`, and pruning of old ones.
+"""DeepSpeed checkpoints that load with `weights_only=True`, the `latest` pointer, and pruning.
 
-DeepSpeed writes the `latest` tag file only after every rank has finished writing, so a run
+`latest` is written by us, atomically, after a barrier that follows every rank's writes: a run
 that crashed mid-save resumes from the previous, complete checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,11 +14,33 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 
+def deepspeed_safe_globals() -> list[type]:
+    """The plain-data DeepSpeed classes pickled into ZeRO optimizer shards; only these (besides
+    tensors and builtins) may be rebuilt when a checkpoint is loaded."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 class SafeCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, but loading refuses to unpickle arbitrary objects."""
 
     def load(self, path: str, map_location=None):  # noqa: ANN001 - DeepSpeed's signature
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def write_latest(ckpt_dir: str | Path, tag: str) -> None:
+    """Point `latest` at tag atomically: a crash leaves either the old or the new pointer."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir / "latest.tmp"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_dir / "latest")
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
@@ -26,6 +49,8 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     if not latest.exists():
         return None
     tag = latest.read_text().strip()
+    if not tag:
+        raise ValueError(f"{latest} is empty; point it at a complete checkpoint directory or remove it")
     if not (Path(ckpt_dir) / tag).is_dir():
         raise FileNotFoundError(f"{latest} names checkpoint {tag!r}, which is missing from {ckpt_dir}")
     return tag

@@ -7,6 +7,7 @@ model, optimizer, LR schedule, step and data-stream position; a restarted run wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,9 +23,10 @@ from tqdm import tqdm
 from navit_clip import dist
 from navit_clip.config import Config, ConfigError, config_to_dict, resolve_path
 from navit_clip.data.loader import ResumableBatches, StreamSpec, make_loader
+from navit_clip.data.shards import expand_shards
 from navit_clip.loss import contrastive_loss
 from navit_clip.model.clip import NaViTCLIP
-from navit_clip.train.checkpoint import SafeCheckpointEngine, latest_tag, prune_checkpoints
+from navit_clip.train.checkpoint import SafeCheckpointEngine, latest_tag, prune_checkpoints, write_latest
 from navit_clip.train.metrics import JsonlLogger
 from navit_clip.train.schedule import warmup_cosine
 
@@ -111,29 +113,39 @@ def train(cfg: Config) -> dict[str, Any]:
     engine, _, scheduler = build_engine(cfg)
     device = engine.device
 
+    # Rank 0 decides whether and where to resume, so that ranks never disagree (a node that
+    # cannot see train.out_dir then fails to load instead of silently starting from step 0).
+    found = latest_tag(ckpt_dir) if dist.is_main() else None
+    found_step = dist.broadcast_int(int(found[4:]) if found else -1)
+    if found_step >= 0 and not cfg.train.resume:
+        raise ConfigError(f"train.out_dir {out_dir} already holds checkpoints (latest: step{found_step}); "
+                          "set train.resume=true to continue that run or choose a new train.out_dir")
     start_step, data_state = 0, None
-    if cfg.train.resume and latest_tag(ckpt_dir) is not None:
-        path, client = engine.load_checkpoint(str(ckpt_dir))
+    stream_spec = train_stream_spec(cfg)
+    stream_id = stream_identity(stream_spec, cfg)
+    if found_step >= 0:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=f"step{found_step}")
         if path is None:
-            raise RuntimeError(f"could not load the latest checkpoint in {ckpt_dir}")
+            raise RuntimeError(f"could not load checkpoint step{found_step} from {ckpt_dir}")
         start_step, data_state = int(client["step"]), client["data"]
+        check_same_stream(data_state.get("stream"), stream_id)
         log.info("resumed from %s at step %d", path, start_step)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     metrics = JsonlLogger(out_dir / "metrics.jsonl", enabled=dist.is_main())
 
-    batches = ResumableBatches(make_loader(train_stream_spec(cfg), rank=dist.rank(), world=dist.world_size(),
+    batches = ResumableBatches(make_loader(stream_spec, rank=dist.rank(), world=dist.world_size(),
                                            num_workers=cfg.data.num_workers), data_state)
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=not dist.is_main(), desc="train", dynamic_ncols=True)
     loss_value, seen_images, skipped, tick = math.nan, 0, 0, time.perf_counter()
     stop = StopRequest()
-    done, stopping = start_step, 0.0
+    done, stopping, last_logged = start_step, 0.0, start_step
     for step in progress:
         batch = next(batches)
         counts = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum()),
-                               float(stop.requested)], dtype=torch.float64)
+                               float(stop.requested)], dtype=torch.float64, device=device)  # nccl: on the GPU
         out = engine(batch.to(device))
         loss = contrastive_loss(out["image"].float(), out["text"].float(), out["valid"], out["logit_scale"].float(),
                                 None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss)
@@ -146,16 +158,17 @@ def train(cfg: Config) -> dict[str, Any]:
         skipped += int(skipped_now)
         loss_value = loss.item()
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps or stopping:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             tokens = dist.world_size() * batch.num_sequences * batch.seq_len
             metrics.log(step=done, world_size=dist.world_size(), loss=loss_value, lr=scheduler.get_last_lr()[0],
                         logit_scale=out["logit_scale"].item(), images_per_step=int(images),
                         padding=padded / tokens, skipped_samples=skipped,
-                        sec_per_step=elapsed / cfg.train.log_every)
+                        sec_per_step=elapsed / (done - last_logged))
+            last_logged = done
             progress.set_postfix(loss=f"{loss_value:.3f}", imgs=int(images), scale=f"{out['logit_scale'].item():.1f}")
         if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps or stopping:
-            save_checkpoint(engine, ckpt_dir, done, batches.state_dict(), cfg)
+            save_checkpoint(engine, ckpt_dir, done, {**batches.state_dict(), "stream": stream_id}, cfg)
         if stopping:
             log.warning("stop requested (SIGTERM/SIGINT): saved step %d to %s, exiting", done, ckpt_dir)
             break
@@ -173,11 +186,15 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self._received: set[int] = set()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
-        if self.requested:  # a second signal: stop right away
+        # The same signal twice (Ctrl-C twice) means "now". A launcher that forwards Ctrl-C as
+        # SIGTERM delivers two different signals, which must not abort a rank mid-collective.
+        if signum in self._received:
             raise KeyboardInterrupt
+        self._received.add(signum)
         self.requested = True
 
     def restore(self) -> None:
@@ -186,8 +203,30 @@ class StopRequest:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, data_state: dict, cfg: Config) -> None:
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                            client_state={"step": step, "data": data_state, "config": config_to_dict(cfg)})
+    dist.barrier()  # every rank's files are written before `latest` may name them
     if dist.is_main():
+        write_latest(ckpt_dir, tag)
         prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
     dist.barrier()
+
+
+def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
+    """What determines the data stream, saved with each checkpoint. The shard paths may move;
+    their number, the sizes, the packing, seeds, ranks and workers may not."""
+    identity = {k: v for k, v in dataclasses.asdict(spec).items() if k != "shards"}
+    return {**identity, "num_shards": len(expand_shards(spec.shards)), "world_size": dist.world_size(),
+            "num_workers": cfg.data.num_workers}
+
+
+def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Resuming skips the batches already trained on, which is right only for the same stream."""
+    if saved is None:
+        return
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume: the data stream differs from the checkpoint's ({details}); "
+                          "resume with the same data settings, ranks and workers, or start a new train.out_dir")
