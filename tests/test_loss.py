@@ -132,30 +132,18 @@ def test_softmax_perfect_alignment_is_near_zero_and_chance_is_log_b():
     torch.testing.assert_close(contrastive_loss(same, same, valid, torch.tensor(5.0)), torch.tensor(math.log(6)))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigmoid_equals_open_clip_siglip_on_valid_rows(seed):
+@pytest.mark.parametrize("reference, inputs, scale, bias", [
+    *[("open_clip", dict(seed=seed), 10.0, -4.0) for seed in (0, 1, 2)],
+    ("hand", dict(seed=6, n=7, invalid=(0, 6)), 5.0, -2.0),
+])
+def test_sigmoid_equals_references_on_valid_rows(reference, inputs, scale, bias):
     """open_clip's SigLipLoss divides the summed pairwise loss by image_features.shape[0]; given only
     the valid rows that is B_valid, exactly what sigmoid_loss divides by."""
-    image, text, valid = make_inputs(seed=seed)
-    scale, bias = torch.tensor(10.0), torch.tensor(-4.0)
-    loss, gi, gt, gs, gb = ours("sigmoid", image, text, valid, scale, bias)
-
-    ri, rt, rs, rb = leaves(image[valid], text[valid], scale, bias)
-    ref = SigLipLoss()(ri, rt, rs, rb)
-    ref.backward()
-    torch.testing.assert_close(loss, ref.detach(), **TOL)
-    torch.testing.assert_close(gi[valid], ri.grad, **TOL)
-    torch.testing.assert_close(gt[valid], rt.grad, **TOL)
-    torch.testing.assert_close(gs, rs.grad, **TOL)
-    torch.testing.assert_close(gb, rb.grad, **TOL)
-
-
-def test_sigmoid_equals_hand_written():
-    image, text, valid = make_inputs(seed=6, n=7, invalid=(0, 6))
-    scale, bias = torch.tensor(5.0), torch.tensor(-2.0)
+    image, text, valid = make_inputs(**inputs)
+    scale, bias = torch.tensor(scale), torch.tensor(bias)
     loss, gi, gt, gs, gb = ours("sigmoid", image, text, valid, scale, bias)
     ri, rt, rs, rb = leaves(image[valid], text[valid], scale, bias)
-    ref = hand_sigmoid(ri, rt, rs, rb)
+    ref = (SigLipLoss() if reference == "open_clip" else hand_sigmoid)(ri, rt, rs, rb)
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), **TOL)
     torch.testing.assert_close(gi[valid], ri.grad, **TOL)
