@@ -71,8 +71,8 @@ def _cmd_demo(args: argparse.Namespace) -> dict:
     data_dir = Path(args.data)
     if not (data_dir / "dataset.json").exists():
         _cmd_make_shards(argparse.Namespace(out=str(data_dir), train_copies=2, seed=0))
-    overrides = [f"data.train_shards={data_dir}/train-{{000000..000007}}.tar",
-                 f"data.eval_shards={data_dir}/eval-{{000000..000001}}.tar",
+    info = json.loads((data_dir / "dataset.json").read_text())
+    overrides = [f"data.train_shards={info['train_shards']}", f"data.eval_shards={info['eval_shards']}",
                  f"train.out_dir={args.out}", *args.overrides]
     _cmd_train(argparse.Namespace(config=args.config, overrides=overrides))
     result = _cmd_eval(argparse.Namespace(run=args.out, tag=None, shards=None, out=None, overrides=[]))

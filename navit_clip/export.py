@@ -19,9 +19,9 @@ from torch import nn
 
 from navit_clip.batch import PackedBatch
 from navit_clip.config import VisionConfig, config_from_dict
-from navit_clip.data.packing import PatchedImage, pack
-from navit_clip.data.patches import patchify
-from navit_clip.data.resolution import fit_grid
+from navit_clip.data.loader import patch_image
+from navit_clip.data.packing import pack
+from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.model.navit import NaViT, unpack_grids
 
@@ -51,14 +51,11 @@ class ImageEncoder(nn.Module):
         budget = max_tokens or self.max_tokens_per_image
         if budget > self.seq_len:
             raise ValueError(f"max_tokens={budget} exceeds the sequence length {self.seq_len}")
-        cfg = self.vision_cfg
-        examples = []
-        for index, image in enumerate(images):
-            pil = image if isinstance(image, Image.Image) else _to_pil(image, index)
-            rows, cols = fit_grid(pil.width, pil.height, cfg.patch_size, budget, cfg.max_grid_side)
-            patches, coords = patchify(pil.convert("RGB"), rows, cols, cfg.patch_size)
-            examples.append(PatchedImage(key=str(index), patches=patches, coords=coords, grid=(rows, cols),
-                                         text=np.zeros(1, dtype=np.int64)))
+        policy = ResolutionPolicy(patch_size=self.vision_cfg.patch_size, max_tokens=budget,
+                                  max_side=self.vision_cfg.max_grid_side)
+        no_text = np.zeros(1, dtype=np.int64)
+        examples = [patch_image(str(index), (image if isinstance(image, Image.Image) else _to_pil(image, index))
+                                .convert("RGB"), policy, no_text) for index, image in enumerate(images)]
         return pack(examples, self.seq_len, self.max_images)
 
     def _as_batch(self, images: Sequence | PackedBatch, max_tokens: int | None) -> tuple[PackedBatch, list[int] | None]:

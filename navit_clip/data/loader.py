@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from navit_clip.batch import PackedBatch
@@ -65,12 +66,17 @@ def shuffled(items: Iterator[Sample], buffer: int, rng: np.random.Generator) -> 
     yield from pool
 
 
+def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray,
+                rng: np.random.Generator | None = None) -> PatchedImage:
+    """Size an RGB image by the policy and cut it into patches."""
+    rows, cols = policy.grid_for(*image.size, rng=rng)
+    patches, coords = patchify(image, rows, cols, policy.patch_size)
+    return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
+
+
 def to_patched(sample: Sample, policy: ResolutionPolicy, tokenizer: CaptionTokenizer,
                rng: np.random.Generator | None) -> PatchedImage:
-    rows, cols = policy.grid_for(*sample.image.size, rng=rng)
-    patches, coords = patchify(sample.image, rows, cols, policy.patch_size)
-    return PatchedImage(key=sample.key, patches=patches, coords=coords, grid=(rows, cols),
-                        text=tokenizer([sample.caption])[0])
+    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng)
 
 
 class PackedStream(IterableDataset):

@@ -32,6 +32,16 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def step_tag(step: int) -> str:
+    """The checkpoint directory name of a training step."""
+    return f"step{step}"
+
+
+def tag_step(tag: str) -> int | None:
+    """The step a checkpoint directory name stands for, or None if it is not a step tag."""
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
+
+
 def write_latest(ckpt_dir: str | Path, tag: str) -> None:
     """Point `latest` at tag atomically: a crash leaves either the old or the new pointer."""
     ckpt_dir = Path(ckpt_dir)
@@ -62,11 +72,12 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
     overwrites them, so they are neither counted nor deleted here."""
     ckpt_dir = Path(ckpt_dir)
     current = latest_tag(ckpt_dir)
-    if current is None or not current[4:].isdigit():
+    current_step = tag_step(current) if current is not None else None
+    if current_step is None:
         return []
     complete = sorted((p for p in ckpt_dir.glob("step*")
-                       if p.is_dir() and p.name[4:].isdigit() and int(p.name[4:]) <= int(current[4:])),
-                      key=lambda p: int(p.name[4:]))
+                       if p.is_dir() and tag_step(p.name) is not None and tag_step(p.name) <= current_step),
+                      key=lambda p: tag_step(p.name))
     removed = []
     for path in complete[:-keep]:
         shutil.rmtree(path)

@@ -26,7 +26,8 @@ from navit_clip.data.loader import ResumableBatches, StreamSpec, make_loader
 from navit_clip.data.shards import expand_shards
 from navit_clip.loss import contrastive_loss
 from navit_clip.model.clip import NaViTCLIP
-from navit_clip.train.checkpoint import SafeCheckpointEngine, latest_tag, prune_checkpoints, write_latest
+from navit_clip.train.checkpoint import (SafeCheckpointEngine, latest_tag, prune_checkpoints, step_tag, tag_step,
+                                        write_latest)
 from navit_clip.train.metrics import JsonlLogger
 from navit_clip.train.schedule import warmup_cosine
 
@@ -116,17 +117,19 @@ def train(cfg: Config) -> dict[str, Any]:
     # Rank 0 decides whether and where to resume, so that ranks never disagree (a node that
     # cannot see train.out_dir then fails to load instead of silently starting from step 0).
     found = latest_tag(ckpt_dir) if dist.is_main() else None
-    found_step = dist.broadcast_int(int(found[4:]) if found else -1)
+    if found is not None and tag_step(found) is None:
+        raise ValueError(f"{ckpt_dir / 'latest'} names {found!r}, which is not a navit-clip step checkpoint")
+    found_step = dist.broadcast_int(-1 if found is None else tag_step(found))
     if found_step >= 0 and not cfg.train.resume:
-        raise ConfigError(f"train.out_dir {out_dir} already holds checkpoints (latest: step{found_step}); "
+        raise ConfigError(f"train.out_dir {out_dir} already holds checkpoints (latest: {step_tag(found_step)}); "
                           "set train.resume=true to continue that run or choose a new train.out_dir")
     start_step, data_state = 0, None
     stream_spec = train_stream_spec(cfg)
     stream_id = stream_identity(stream_spec, cfg)
     if found_step >= 0:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=f"step{found_step}")
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=step_tag(found_step))
         if path is None:
-            raise RuntimeError(f"could not load checkpoint step{found_step} from {ckpt_dir}")
+            raise RuntimeError(f"could not load checkpoint {step_tag(found_step)} from {ckpt_dir}")
         start_step, data_state = int(client["step"]), client["data"]
         check_same_stream(data_state.get("stream"), stream_id)
         log.info("resumed from %s at step %d", path, start_step)
@@ -203,7 +206,7 @@ class StopRequest:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, data_state: dict, cfg: Config) -> None:
-    tag = f"step{step}"
+    tag = step_tag(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                            client_state={"step": step, "data": data_state, "config": config_to_dict(cfg)})
     dist.barrier()  # every rank's files are written before `latest` may name them
