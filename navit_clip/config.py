@@ -56,6 +56,7 @@ class ModelConfig:
     max_logit_scale: float = math.log(100.0)
     loss: str = "softmax"  # softmax | sigmoid
     init_logit_bias: float = -10.0  # used by the sigmoid loss only
+    loss_chunk_size: int = 1024  # text columns of logits held at once by the chunked loss
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Config:
             ("model.text.width", t.width % t.heads == 0, "must be divisible by model.text.heads"),
             ("model.vision.attention", v.attention in {"auto", "sdpa", "reference"}, "must be auto, sdpa or reference"),
             ("model.loss", self.model.loss in {"softmax", "sigmoid"}, "must be softmax or sigmoid"),
+            ("model.loss_chunk_size", self.model.loss_chunk_size >= 1, "must be >= 1"),
             ("data.resolution", d.resolution in {"native", "sampled"}, "must be native or sampled"),
             ("data.max_tokens_per_image", 1 <= d.max_tokens_per_image <= d.seq_len, "must be in [1, data.seq_len]"),
             ("data.min_tokens_per_image", 1 <= d.min_tokens_per_image <= d.max_tokens_per_image,

@@ -121,3 +121,36 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_ints(value: int) -> list[int]:
+    """Every rank's integer, in rank order (e.g. each rank's number of valid slots)."""
+    if not is_initialized() or world_size() == 1:
+        return [value]
+    backend_device = device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    return all_gather_no_grad(torch.tensor([value], dtype=torch.int64, device=backend_device)).tolist()
+
+
+class RingTransfer:
+    """One asynchronous step around the ring of ranks: optionally send a tensor to the next rank
+    and/or receive a tensor from the previous one, while the caller computes. `wait()` returns the
+    received tensor. Messages of different kinds travel with different tags so that they cannot be
+    matched out of order; every rank must post its transfers in the same order."""
+
+    def __init__(self, send: torch.Tensor | None = None, receive_like: torch.Tensor | None = None, *,
+                 tag: int = 0) -> None:
+        w, r = world_size(), rank()
+        self.received = None if receive_like is None else torch.empty_like(receive_like)
+        self._sent = None if send is None else send.contiguous()  # alive until the send completes
+        ops = []
+        if self._sent is not None:
+            ops.append(dist.P2POp(dist.isend, self._sent, (r + 1) % w, tag=tag))
+        if self.received is not None:
+            ops.append(dist.P2POp(dist.irecv, self.received, (r - 1) % w, tag=tag))
+        self._requests = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self) -> torch.Tensor | None:
+        for request in self._requests:
+            request.wait()
+        self._requests, self._sent = [], None
+        return self.received

@@ -151,7 +151,8 @@ def train(cfg: Config) -> dict[str, Any]:
                                float(stop.requested)], dtype=torch.float64, device=device)  # nccl: on the GPU
         out = engine(batch.to(device))
         loss = contrastive_loss(out["image"].float(), out["text"].float(), out["valid"], out["logit_scale"].float(),
-                                None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss)
+                                None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss,
+                                chunk_size=cfg.model.loss_chunk_size, max_logit_scale=math.exp(cfg.model.max_logit_scale))
         engine.backward(loss)
         engine.step()
         if not torch.isfinite(loss):
