@@ -70,6 +70,18 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, valid: tor
     return _ChunkedContrastive.apply(image_emb, text_emb, valid, scale, bias, chunk_size, kind)
 
 
+def _logits(x_scaled: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = x_scaled @ y.T
+    return logits if bias is None else logits.add_(bias)
+
+
+def _logsumexp_(logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Log-sum-exp over a non-empty dim, overwriting logits: one [c, cols] buffer, not three."""
+    top = logits.amax(dim=dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return logits.sub_(top).exp_().sum(dim=dim, keepdim=True).log_().add_(top).squeeze(dim)
+
+
 def _chunks(length: int, chunk_size: int):
     return (slice(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size))
 
@@ -90,7 +102,8 @@ class _ChunkedContrastive(torch.autograd.Function):
         own = text.new_zeros((block_rows, text.shape[1]), dtype=torch.float32)  # its text block
         own[:len(index)] = text.detach()[index].float()
         s = scale.detach().float().reshape(())
-        b = bias.detach().float().reshape(()) if bias is not None else torch.zeros((), device=x.device)
+        b = bias.detach().float().reshape(()) if bias is not None else None
+        x_scaled = s * x
 
         row_lse = x.new_full((len(x),), float("-inf"))
         pair_sum = x.new_zeros((), dtype=torch.float64)
@@ -100,11 +113,11 @@ class _ChunkedContrastive(torch.autograd.Function):
             incoming = RingStep.receive(own[:, 0], _TAG_STATS, kind == "softmax" and step > 0)
             prefetch = RingStep.shift(block, _TAG_BLOCK, step < world - 1)
             col_lse = x.new_full((block_rows,), float("-inf"))
-            for cols in _chunks(counts[owner], chunk_size):
-                logits = s * (x @ block[cols].T) + b  # [c, cols]
+            for cols in _chunks(counts[owner] if len(x) else 0, chunk_size):  # a rank may hold no rows
+                logits = _logits(x_scaled, block[cols], b)  # [c, cols]
                 if kind == "softmax":
-                    row_lse = torch.logaddexp(row_lse, torch.logsumexp(logits, dim=1))
-                    col_lse[cols] = torch.logsumexp(logits, dim=0)
+                    row_lse = torch.logaddexp(row_lse, _logsumexp_(logits.clone(), dim=1))
+                    col_lse[cols] = _logsumexp_(logits, dim=0)
                 else:
                     pair_sum += F.softplus(logits).sum(dtype=torch.float64)
             if kind == "softmax" and world > 1:
@@ -119,7 +132,7 @@ class _ChunkedContrastive(torch.autograd.Function):
             transfer.wait()
 
         c = len(x)
-        positives = s * (x * own[:c]).sum(-1) + b
+        positives = (x_scaled * own[:c]).sum(-1) + (0.0 if b is None else b)
         if kind == "softmax":
             local = (row_lse - positives).sum(dtype=torch.float64) + (col_lse[:c] - positives).sum(dtype=torch.float64)
             denominator = 2 * total
@@ -143,8 +156,8 @@ class _ChunkedContrastive(torch.autograd.Function):
         c, dim = x.shape
         # a text block travels with its column statistics: [rows, D | lse]
         block = torch.cat([own, torch.where(torch.isfinite(col_lse), col_lse, 0.0)[:, None]], dim=1)
-        grad_x = torch.zeros_like(x)
-        grad_s = x.new_zeros((), dtype=torch.float64)
+        x_scaled = s * x
+        g_y = torch.zeros_like(x)  # Σ_j dL/dlogits_ij · y_j: gives both dL/dx (times s) and dL/ds
         grad_b = x.new_zeros((), dtype=torch.float64)
         norm = 1.0 / (2 * total) if kind == "softmax" else 1.0 / total
         pending, grad_own = [], None
@@ -153,18 +166,17 @@ class _ChunkedContrastive(torch.autograd.Function):
             incoming = RingStep.receive(own, _TAG_GRAD, step > 0)
             prefetch = RingStep.shift(block, _TAG_BLOCK, step < world - 1)
             grad_block = torch.zeros_like(own)
-            for cols in _chunks(counts[owner], chunk_size):
+            for cols in _chunks(counts[owner] if len(x) else 0, chunk_size):  # a rank may hold no rows
                 y, y_lse = block[cols, :dim], block[cols, dim]
-                dots = x @ y.T
-                logits = s * dots + b
-                if kind == "softmax":
-                    g = (torch.exp(logits - row_lse[:, None]) + torch.exp(logits - y_lse[None, :])) * norm
-                else:
-                    g = torch.sigmoid(logits) * norm
-                grad_x += s * (g @ y)
-                grad_block[cols] = s * (g.T @ x)
-                grad_s += (g * dots).sum(dtype=torch.float64)
-                grad_b += g.sum(dtype=torch.float64)
+                logits = _logits(x_scaled, y, b)
+                if kind == "softmax":  # dL/dlogits = (softmax over the row + softmax over the column) / 2B
+                    g = (logits - row_lse[:, None]).exp_().add_(logits.sub_(y_lse[None, :]).exp_())
+                else:  # dL/dlogits = sigmoid(logits) / B
+                    g = logits.sigmoid_()
+                    if b is not None:
+                        grad_b += g.sum(dtype=torch.float64) * norm
+                g_y.addmm_(g, y, alpha=norm)
+                grad_block[cols] = (g.T @ x_scaled).mul_(norm)
             if incoming is not None:
                 grad_block += incoming.wait()
             if world > 1:
@@ -180,10 +192,10 @@ class _ChunkedContrastive(torch.autograd.Function):
 
         # the positive pairs: -1 on the diagonal of dL/dlogits (norm from each side for softmax)
         diagonal = 2 * norm if kind == "softmax" else norm
-        y_own = own[:c]
-        grad_x -= diagonal * s * y_own
-        grad_own[:c] -= diagonal * s * x
-        grad_s -= diagonal * (x * y_own).sum(dtype=torch.float64)
+        g_y -= diagonal * own[:c]
+        grad_own[:c] -= diagonal * x_scaled
+        grad_x = s * g_y
+        grad_s = (x * g_y).sum(dtype=torch.float64)  # Σ_ij dL/dlogits_ij · x_i·y_j
         grad_b -= diagonal * c
         scalars = dist.all_reduce_sum(torch.stack([grad_s, grad_b]))
 
