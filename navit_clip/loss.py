@@ -110,7 +110,7 @@ class _ChunkedContrastive(torch.autograd.Function):
         block, col_lse, pending = own, None, []
         for step in range(world):
             owner = (rank - step) % world
-            incoming = RingStep.receive(own[:, 0], _TAG_STATS, kind == "softmax" and step > 0)
+            incoming = RingStep.receive(row_lse.new_empty(block_rows), _TAG_STATS, kind == "softmax" and step > 0)
             prefetch = RingStep.shift(block, _TAG_BLOCK, step < world - 1)
             col_lse = x.new_full((block_rows,), float("-inf"))
             for cols in _chunks(counts[owner] if len(x) else 0, chunk_size):  # a rank may hold no rows
@@ -127,7 +127,7 @@ class _ChunkedContrastive(torch.autograd.Function):
             if prefetch is not None:
                 block = prefetch.wait()
         if kind == "softmax" and world > 1:
-            col_lse = RingStep.receive(own[:, 0], _TAG_STATS, True).wait()
+            col_lse = RingStep.receive(row_lse.new_empty(block_rows), _TAG_STATS, True).wait()
         for transfer in pending:
             transfer.wait()
 
