@@ -22,6 +22,7 @@ Backends:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from functools import lru_cache
@@ -115,7 +116,7 @@ class PerImageSdpa(Backend):
                 rows.append(torch.cat(parts, dim=2))
             return torch.cat(rows, dim=0)
 
-        return attend
+        return torch.compiler.disable(attend)  # the image runs are Python data: no recompile per batch
 
     @staticmethod
     def _bind_gather(segment: torch.Tensor) -> BoundAttend:
@@ -129,7 +130,7 @@ class PerImageSdpa(Backend):
                 out[s][:, index] = F.scaled_dot_product_attention(q[s][:, index], k[s][:, index], v[s][:, index])
             return out
 
-        return attend
+        return torch.compiler.disable(attend)
 
     def attend(self, q, k, v, segment):
         return self.bind(segment)(q, k, v)
@@ -211,7 +212,7 @@ class FlashVarlenBackend(Backend):
             out = flash_attn_varlen_func(*flat, cu, cu, longest, longest)
             return out.reshape(S, L, H, Dh).transpose(1, 2)
 
-        return attend
+        return torch.compiler.disable(attend)
 
     def attend(self, q, k, v, segment):
         return self.bind(segment)(q, k, v)
@@ -226,10 +227,14 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+def flex_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 def choose_backend(device: torch.device, dtype: torch.dtype) -> Backend:
     """What `auto` runs for tensors on `device` of `dtype`."""
     if device.type == "cuda":
-        if hasattr(torch.nn.attention, "flex_attention"):
+        if flex_available():
             return BACKENDS["flex"]
         if flash_available() and dtype in (torch.float16, torch.bfloat16):
             return BACKENDS["flash"]
