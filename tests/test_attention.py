@@ -251,7 +251,8 @@ class TestCudaSdpa:
         torch.testing.assert_close(out[0, :, mine], base[0, :, mine], atol=1e-6, rtol=0)
 
     def test_auto_is_flex_on_cuda(self):
-        assert choose_backend(torch.device("cuda"), torch.bfloat16) is BACKENDS["flex"]
+        assert choose_backend(torch.device("cuda"), torch.bfloat16, 64) is BACKENDS["flex"]
+        assert choose_backend(torch.device("cuda"), torch.bfloat16, 72) is not BACKENDS["flex"]
 
     @pytest.mark.parametrize("name", ["flex", "sdpa_per_image", "flash"])
     def test_gpu_backend_forward_and_backward_match_reference(self, name):

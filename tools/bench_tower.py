@@ -189,6 +189,7 @@ def bench_gpu(args, batch: PackedBatch, device) -> None:
           f"{secs['sdpa'] * 1e3:.2f} ms, flex/unmasked speed = {secs['sdpa'] / secs['flex']:.2f}x")
 
     cfg = VisionConfig(**vision_preset("B/16"), max_grid_side=args.max_side)
+    batch, _ = draw_images(args, cfg.patch_size)  # the same images, cut at patch 16
     torch.manual_seed(0)
     model = NaViT(cfg).to(device, dtype)
     step = tower_step(model, [batch.to(device)], backward=True)

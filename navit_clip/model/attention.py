@@ -17,7 +17,8 @@ Backends:
 - `flex`: FlexAttention with a document block mask; fully masked blocks are skipped. Compiled on
   GPU. On CPU it runs forward only (torch has no CPU backward for it), so CPU training never picks it.
 - `flash`: flash-attn's varlen kernel over the image runs (fp16/bf16 on CUDA, if installed).
-- `auto`: flex on CUDA, else flash-attn if installed, else sdpa; sdpa_per_image on CPU.
+- `auto`: flex on CUDA (power-of-two head sizes), else flash-attn if installed, else
+  sdpa_per_image; sdpa_per_image on CPU.
 """
 
 from __future__ import annotations
@@ -231,14 +232,15 @@ def flex_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
-def choose_backend(device: torch.device, dtype: torch.dtype) -> Backend:
-    """What `auto` runs for tensors on `device` of `dtype`."""
+def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> Backend:
+    """What `auto` runs for tensors on `device` of `dtype`. Flex is kept to power-of-two head
+    sizes (its best-trodden kernels); others (So400m's 72) go to flash-attn or per-image SDPA."""
     if device.type == "cuda":
-        if flex_available():
+        if flex_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0:
             return BACKENDS["flex"]
         if flash_available() and dtype in (torch.float16, torch.bfloat16):
             return BACKENDS["flash"]
-        return BACKENDS["sdpa"]
+        return BACKENDS["sdpa_per_image"]
     return BACKENDS["sdpa_per_image"]
 
 
@@ -251,9 +253,9 @@ class AutoBackend(Backend):
         bound: dict[tuple, BoundAttend] = {}
 
         def attend(q, k, v):
-            key = (q.device, q.dtype)
+            key = (q.device, q.dtype, q.shape[-1])
             if key not in bound:
-                bound[key] = choose_backend(q.device, q.dtype).bind(segment)
+                bound[key] = choose_backend(*key).bind(segment)
             return bound[key](q, k, v)
 
         return attend
