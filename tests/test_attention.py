@@ -156,8 +156,22 @@ def test_unknown_backend_raises():
 
 
 def test_auto_picks_a_trainable_backend_on_cpu():
-    assert choose_backend(torch.device("cpu"), torch.float32) is BACKENDS["sdpa_per_image"]
-    assert choose_backend(torch.device("cpu"), torch.bfloat16) is BACKENDS["sdpa_per_image"]
+    cpu = torch.device("cpu")
+    assert choose_backend(cpu, torch.float32, 64, 1024) is BACKENDS["sdpa_per_image"]
+    assert choose_backend(cpu, torch.bfloat16, 64, 512) is BACKENDS["sdpa_per_image"]
+    assert choose_backend(cpu, torch.float32, 32, 256) is BACKENDS["sdpa"]
+
+
+def test_auto_matches_reference_on_both_sides_of_the_cpu_switch():
+    for L in (24, 600):
+        q, k, v, segment = random_qkv(S=2, L=L, seed=17)
+        w = torch.randn_like(q)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = get_attend("auto")(*leaves, segment)
+        ref = reference_attend(q, k, v, segment)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for got in torch.autograd.grad((out * w).sum(), leaves):
+            assert torch.isfinite(got).all()
 
 
 def test_flash_without_package_or_gpu_is_a_clear_error():

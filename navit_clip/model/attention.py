@@ -13,12 +13,12 @@ Backends:
 - `reference`: softmax(QKᵀ/√d + mask) V written out; the ground truth.
 - `sdpa`: torch SDPA with a dense [S, 1, L, L] block-diagonal mask; any device, any dtype.
 - `sdpa_per_image`: one unmasked SDPA call per image (a slice of the sequence); cost Σ nᵢ² instead
-  of L², no mask in memory. The CPU default; trains (it is plain autograd).
+  of L², no mask in memory. The CPU default for long sequences; trains (it is plain autograd).
 - `flex`: FlexAttention with a document block mask; fully masked blocks are skipped. Compiled on
   GPU. On CPU it runs forward only (torch has no CPU backward for it), so CPU training never picks it.
 - `flash`: flash-attn's varlen kernel over the image runs (fp16/bf16 on CUDA, if installed).
 - `auto`: flex on CUDA (power-of-two head sizes), else flash-attn if installed, else
-  sdpa_per_image; sdpa_per_image on CPU.
+  sdpa_per_image; on CPU sdpa_per_image from L = 512 on, sdpa below.
 """
 
 from __future__ import annotations
@@ -232,16 +232,23 @@ def flex_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
-def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> Backend:
+# On CPU, one SDPA call per image beats the dense mask from about L = 512 on (fwd+bwd, LAION
+# sizes with resolution sampling: 0.7x at L=256, 1.2-1.3x at 512, 2.2-2.5x at 1024); below that
+# the per-call overhead of many small images outweighs the L² the mask wastes.
+CPU_PER_IMAGE_MIN_LEN = 512
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64, seq_len: int = 1024) -> Backend:
     """What `auto` runs for tensors on `device` of `dtype`. Flex is kept to power-of-two head
-    sizes (its best-trodden kernels); others (So400m's 72) go to flash-attn or per-image SDPA."""
+    sizes (its best-trodden kernels); others (So400m's 72) go to flash-attn or per-image SDPA.
+    On CPU: per-image SDPA for long sequences, the dense mask for short ones."""
     if device.type == "cuda":
         if flex_available() and head_dim >= 16 and head_dim & (head_dim - 1) == 0:
             return BACKENDS["flex"]
         if flash_available() and dtype in (torch.float16, torch.bfloat16):
             return BACKENDS["flash"]
         return BACKENDS["sdpa_per_image"]
-    return BACKENDS["sdpa_per_image"]
+    return BACKENDS["sdpa_per_image"] if seq_len >= CPU_PER_IMAGE_MIN_LEN else BACKENDS["sdpa"]
 
 
 class AutoBackend(Backend):
@@ -253,7 +260,7 @@ class AutoBackend(Backend):
         bound: dict[tuple, BoundAttend] = {}
 
         def attend(q, k, v):
-            key = (q.device, q.dtype, q.shape[-1])
+            key = (q.device, q.dtype, q.shape[-1], q.shape[-2])
             if key not in bound:
                 bound[key] = choose_backend(*key).bind(segment)
             return bound[key](q, k, v)
@@ -274,5 +281,5 @@ def get_attend(name: str = "auto") -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (known: auto, {', '.join(BACKENDS)})")
     if name == "flash" and not flash_available():
-        raise ValueError("attention backend 'flash' needs the flash-attn package and a CUDA device")
+        raise ValueError("model.vision.attention=flash needs the flash-attn package and a CUDA device")
     return BACKENDS[name]
