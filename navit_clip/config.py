@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config key is unknown, mistyped or out of range."""
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa_per_image", "sdpa", "flex", "flash", "reference")
+POSEMB_KINDS = ("learned", "sinusoidal", "fourier", "learned_2d")
+VISION_PRESETS_FILE = CONFIG_DIR / "models" / "vision_presets.yaml"
+
+
 @dataclass
 class VisionConfig:
     patch_size: int = 8
@@ -34,7 +39,14 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     max_grid_side: int = 32  # rows and cols of the factorized position tables
-    attention: str = "auto"  # auto | sdpa | reference
+    attention: str = "auto"  # auto | sdpa_per_image | sdpa | flex | flash | reference (docs/model.md)
+    posemb: str = "learned"  # learned | sinusoidal | fourier | learned_2d
+    posemb_coords: str = "absolute"  # absolute (patch index) | fractional (index / side)
+    posemb_combine: str = "sum"  # sum | stack | product of the row and column embeddings
+    pooling: str = "map"  # map (attention pooling) | mean
+    grad_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
+    compile: bool = False  # torch.compile each block
+    preset: str = ""  # e.g. B/16: size and patch from configs/models/vision_presets.yaml; set keys win
 
 
 @dataclass
@@ -45,6 +57,7 @@ class TextConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
 
 
 @dataclass
@@ -120,7 +133,13 @@ class Config:
         checks = [
             ("model.vision.width", v.width % v.heads == 0, "must be divisible by model.vision.heads"),
             ("model.text.width", t.width % t.heads == 0, "must be divisible by model.text.heads"),
-            ("model.vision.attention", v.attention in {"auto", "sdpa", "reference"}, "must be auto, sdpa or reference"),
+            ("model.vision.attention", v.attention in ATTENTION_BACKENDS, f"must be one of {', '.join(ATTENTION_BACKENDS)}"),
+            ("model.vision.posemb", v.posemb in POSEMB_KINDS, f"must be one of {', '.join(POSEMB_KINDS)}"),
+            ("model.vision.posemb_coords", v.posemb_coords in {"absolute", "fractional"}, "must be absolute or fractional"),
+            ("model.vision.posemb_combine", v.posemb_combine in {"sum", "stack", "product"},
+             "must be sum, stack or product"),
+            ("model.vision.pooling", v.pooling in {"map", "mean"}, "must be map or mean"),
+            ("model.vision.max_grid_side", v.max_grid_side >= 1, "must be >= 1"),
             ("model.loss", self.model.loss in {"softmax", "sigmoid"}, "must be softmax or sigmoid"),
             ("model.loss_chunk_size", self.model.loss_chunk_size >= 1, "must be >= 1"),
             ("data.resolution", d.resolution in {"native", "sampled"}, "must be native or sampled"),
@@ -220,8 +239,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, then validated."""
+    """Defaults <- model.vision.preset <- YAML file <- overrides, then validated."""
     cfg = Config()
+    layers = []
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -229,9 +249,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at its top")
-        _merge(cfg, loaded)
-    _merge(cfg, parse_overrides(overrides or []))
+        layers.append(loaded)
+    layers.append(parse_overrides(overrides or []))
+    preset = _preset_named(layers)
+    if preset:
+        _merge(cfg.model.vision, vision_preset(preset), prefix="model.vision.")
+    for layer in layers:
+        _merge(cfg, layer)
     return cfg.validate()
+
+
+def vision_preset(name: str) -> dict[str, Any]:
+    """The model.vision values of a named preset (Ti/16, B/16, So400m/14, ...): data in
+    configs/models/vision_presets.yaml, so a size is added by editing YAML, not code."""
+    table = yaml.safe_load(VISION_PRESETS_FILE.read_text())
+    size, _, patch = name.partition("/")
+    sizes = {k.lower(): v for k, v in table["sizes"].items()}
+    if size.lower() not in sizes or not patch.isdigit() or int(patch) not in table["patch_sizes"]:
+        raise ConfigError(f"config key model.vision.preset={name!r} is not a preset (sizes: "
+                          f"{', '.join(table['sizes'])}; patch sizes: {', '.join(map(str, table['patch_sizes']))}; "
+                          f"e.g. B/16)")
+    return {**sizes[size.lower()], "patch_size": int(patch)}
+
+
+def _preset_named(layers: list[dict[str, Any]]) -> str:
+    name = ""
+    for layer in layers:
+        vision = (layer.get("model") or {}).get("vision") if isinstance(layer.get("model"), dict) else None
+        if isinstance(vision, dict) and "preset" in vision:
+            name = str(vision["preset"] or "")
+    return name
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

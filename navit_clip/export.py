@@ -77,7 +77,7 @@ class ImageEncoder(nn.Module):
         its valid slots in row-major order). Normalized as in training unless normalize=False."""
         batch, order = self._as_batch(images, max_tokens)
         batch = batch.to(self.image_proj.weight.device)
-        pooled = self.visual(batch.patches, batch.coords, batch.segment, batch.max_images)
+        pooled = self.visual(batch.patches, batch.coords, batch.segment, batch.max_images, grid=batch.grid)
         emb = self.image_proj(pooled).flatten(0, 1)[batch.valid.flatten()]
         return self._restore(F.normalize(emb, dim=-1) if normalize else emb, order)
 
@@ -87,7 +87,8 @@ class ImageEncoder(nn.Module):
         block index in `layers`, the grids of that block's output (`layer_<i>`), in input order."""
         batch, order = self._as_batch(images, max_tokens)
         batch = batch.to(self.image_proj.weight.device)
-        tokens, kept = self.visual.forward_tokens(batch.patches, batch.coords, batch.segment, layers=layers)
+        tokens, kept = self.visual.forward_tokens(batch.patches, batch.coords, batch.segment, layers=layers,
+                                                  grid=batch.grid)
         out = {"grids": self._restore(unpack_grids(tokens, batch.coords, batch.segment, batch.grid, batch.valid), order)}
         for layer, feats in kept.items():
             out[f"layer_{layer}"] = self._restore(unpack_grids(feats, batch.coords, batch.segment, batch.grid,

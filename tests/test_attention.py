@@ -8,9 +8,12 @@ import math
 import pytest
 import torch
 
-from navit_clip.model.attention import BACKENDS, get_attend, reference_attend, same_segment_mask
+from navit_clip.model.attention import (BACKENDS, FlexBackend, PerImageSdpa, choose_backend, flash_available,
+                                        get_attend, image_runs, reference_attend, same_segment_mask)
 
-BACKEND_NAMES = [*BACKENDS, "auto"]
+# backends that train on CPU (forward and backward); flex runs forward only on CPU; flash needs CUDA
+BACKEND_NAMES = ["reference", "sdpa", "sdpa_per_image", "auto"]
+FORWARD_NAMES = [*BACKEND_NAMES, "flex"]
 
 
 def random_segments(S: int, L: int, max_images: int, generator: torch.Generator) -> torch.Tensor:
@@ -68,7 +71,7 @@ def test_same_segment_mask_is_block_diagonal():
     assert torch.equal(same_segment_mask(segment)[0, 0], expected)
 
 
-@pytest.mark.parametrize("name", BACKEND_NAMES)
+@pytest.mark.parametrize("name", FORWARD_NAMES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_backend_matches_reference(name, seed):
     q, k, v, segment = random_qkv(seed=seed)
@@ -101,14 +104,14 @@ def test_no_nan_for_padding_rows(name):
     assert torch.isfinite(q.grad).all()
 
 
-@pytest.mark.parametrize("name", BACKEND_NAMES)
+@pytest.mark.parametrize("name", FORWARD_NAMES)
 def test_fully_padded_sequence_is_finite(name):
     q, k, v, _ = random_qkv(S=1, seed=5)
     segment = torch.full((1, q.shape[2]), -1)
     assert torch.isfinite(get_attend(name)(q, k, v, segment)).all()
 
 
-@pytest.mark.parametrize("name", BACKEND_NAMES)
+@pytest.mark.parametrize("name", FORWARD_NAMES)
 def test_tokens_never_attend_across_images(name):
     q, k, v, segment = random_qkv(seed=6)
     attend = get_attend(name)
@@ -131,7 +134,7 @@ def test_tokens_never_attend_across_images(name):
             assert not torch.allclose(out[s, :, other], base[s, :, other])
 
 
-@pytest.mark.parametrize("name", BACKEND_NAMES)
+@pytest.mark.parametrize("name", FORWARD_NAMES)
 def test_sequence_position_does_not_matter(name):
     """An image's outputs depend only on its own tokens, not on where it sits in the sequence."""
     g = torch.Generator().manual_seed(7)
@@ -152,8 +155,86 @@ def test_unknown_backend_raises():
         get_attend("no-such-backend")
 
 
-def test_auto_is_a_known_backend():
-    assert get_attend("auto") in BACKENDS.values()
+def test_auto_picks_a_trainable_backend_on_cpu():
+    cpu = torch.device("cpu")
+    assert choose_backend(cpu, torch.float32, 64, 1024) is BACKENDS["sdpa_per_image"]
+    assert choose_backend(cpu, torch.bfloat16, 64, 512) is BACKENDS["sdpa_per_image"]
+    assert choose_backend(cpu, torch.float32, 32, 256) is BACKENDS["sdpa"]
+
+
+def test_auto_matches_reference_on_both_sides_of_the_cpu_switch():
+    for L in (24, 600):
+        q, k, v, segment = random_qkv(S=2, L=L, seed=17)
+        w = torch.randn_like(q)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = get_attend("auto")(*leaves, segment)
+        ref = reference_attend(q, k, v, segment)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for got in torch.autograd.grad((out * w).sum(), leaves):
+            assert torch.isfinite(got).all()
+
+
+def test_flash_without_package_or_gpu_is_a_clear_error():
+    if flash_available():
+        pytest.skip("flash-attn and a GPU are present")
+    with pytest.raises(ValueError, match="flash-attn"):
+        get_attend("flash")
+
+
+def test_image_runs_follow_the_packer_layout():
+    segment = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    assert image_runs(segment) == [[(0, 2), (2, 3), (5, 1)], [(0, 6)]]
+    assert image_runs(torch.tensor([[0, 1, 0, -1]])) is None  # slot 0 split in two runs
+
+
+@pytest.mark.parametrize("name", ["sdpa_per_image", "sdpa", "auto"])
+def test_scattered_slots_match_reference(name):
+    """Slot ids need not be contiguous: the per-image backend falls back to gather/scatter."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 12, 8, generator=g, requires_grad=True) for _ in range(3))
+    segment = torch.tensor([[0, 1, 0, 2, 1, 1, -1, 0, 2, -1, 1, 0], [1, 1, 0, 0, 1, 0, 0, -1, -1, 1, 0, 1]])
+    assert image_runs(segment) is None
+    out = get_attend(name)(q, k, v, segment)
+    ref = reference_attend(q, k, v, segment)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
+def test_bound_backend_serves_many_calls(name):
+    """bind(segment) prepares once; every later (q, k, v) with that segment gets the same answer
+    as a fresh call (what the blocks of one forward rely on)."""
+    q, k, v, segment = random_qkv(seed=12)
+    bound = get_attend(name).bind(segment)
+    for scale in (1.0, -2.0, 0.5):
+        torch.testing.assert_close(bound(q * scale, k, v + scale), reference_attend(q * scale, k, v + scale, segment),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_flex_refuses_cpu_training_with_a_clear_error():
+    q, k, v, segment = random_qkv(seed=13)
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        get_attend("flex")(q.requires_grad_(), k, v, segment)
+
+
+@pytest.mark.slow
+def test_compiled_flex_forward_on_cpu_matches_reference():
+    """torch.compile of flex_attention on CPU (inductor's C++ template), forward only."""
+    q, k, v, segment = random_qkv(S=2, H=2, L=40, Dh=16, seed=14)
+    with torch.no_grad():
+        out = FlexBackend(compile=True)(q, k, v, segment)
+    torch.testing.assert_close(out, reference_attend(q, k, v, segment), atol=1e-5, rtol=1e-5)
+
+
+def test_per_image_handles_one_image_filling_the_sequence():
+    q, k, v, _ = random_qkv(S=2, seed=15)
+    segment = torch.zeros(2, q.shape[2], dtype=torch.long)
+    torch.testing.assert_close(PerImageSdpa()(q, k, v, segment), reference_attend(q, k, v, segment),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -182,3 +263,24 @@ class TestCudaSdpa:
         out = attend(q, k2, v2, segment)
         mine = segment[0] == 0
         torch.testing.assert_close(out[0, :, mine], base[0, :, mine], atol=1e-6, rtol=0)
+
+    def test_auto_is_flex_on_cuda(self):
+        assert choose_backend(torch.device("cuda"), torch.bfloat16, 64) is BACKENDS["flex"]
+        assert choose_backend(torch.device("cuda"), torch.bfloat16, 72) is not BACKENDS["flex"]
+
+    @pytest.mark.parametrize("name", ["flex", "sdpa_per_image", "flash"])
+    def test_gpu_backend_forward_and_backward_match_reference(self, name):
+        if name == "flash" and not flash_available():
+            pytest.skip("flash-attn is not installed")
+        q, k, v, segment = random_qkv(S=3, H=4, L=200, Dh=64, seed=16)
+        dev = torch.device("cuda")
+        w = torch.randn_like(q)
+        ref = reference_attend(*(t.clone().requires_grad_() for t in (q, k, v)), segment)
+        leaves = [t.to(dev, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = get_attend(name)(*leaves, segment.to(dev))
+        torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
+        got = torch.autograd.grad((out * w.to(dev, torch.bfloat16)).sum(), leaves)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        want = torch.autograd.grad((reference_attend(qq, kk, vv, segment) * w).sum(), (qq, kk, vv))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float().cpu(), b, atol=5e-2, rtol=5e-2)

@@ -170,7 +170,7 @@ def test_section_needs_mapping():
     (["model.text.width=100", "model.text.heads=3"], "model.text.width"),
     (["data.resolution=fixed"], "data.resolution"),
     (["model.loss=hinge"], "model.loss"),
-    (["model.vision.attention=flash"], "model.vision.attention"),
+    (["model.vision.attention=xformers"], "model.vision.attention"),
     (["train.precision=fp16"], "train.precision"),
     (["eval.templates=coco"], "eval.templates"),
     (["eval.max_tokens_per_image=1000"], "eval.max_tokens_per_image"),

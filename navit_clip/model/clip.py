@@ -26,7 +26,7 @@ class NaViTCLIP(nn.Module):
 
     def encode_image_slots(self, batch: PackedBatch) -> torch.Tensor:
         """-> L2-normalized image embeddings [S·E_max, embed_dim]; empty slots are zeros."""
-        pooled = self.visual(batch.patches, batch.coords, batch.segment, batch.max_images)
+        pooled = self.visual(batch.patches, batch.coords, batch.segment, batch.max_images, grid=batch.grid)
         return F.normalize(self.image_proj(pooled), dim=-1).flatten(0, 1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""Masked multi-head attention pooling: one learned query reads each image's tokens into its slot.
+"""Pool a packed sequence of L tokens into E_max slots, one per image; empty slots are zeros.
 
-A packed sequence of L tokens becomes E_max pooled vectors; a slot attends only to the tokens of
-its own image, and an empty slot returns zeros (its row is masked out of the loss anyway).
+- `MaskedAttentionPool` (MAP): one learned query per head reads each image's tokens. The softmax
+  is taken per image with scatter operations, so memory is O(S·L·D) rather than the O(S·E·H·L)
+  of a masked [slots × tokens] score matrix.
+- `MaskedMeanPool`: the mean of each image's tokens.
+
+Padding tokens (segment -1) go to a scratch slot that is dropped, so they never reach an output.
+Per-token outputs for dense tasks are NaViT.forward_tokens (the input of these poolers).
 """
 
 from __future__ import annotations
@@ -11,6 +16,11 @@ import math
 import torch
 from einops import rearrange
 from torch import nn
+
+
+def slot_index(segment: torch.Tensor, max_images: int) -> torch.Tensor:
+    """[S, L] slot ids -> [S, L] in 0..max_images, padding mapped to the scratch slot max_images."""
+    return torch.where(segment < 0, torch.full_like(segment, max_images), segment)
 
 
 class MaskedAttentionPool(nn.Module):
@@ -24,14 +34,47 @@ class MaskedAttentionPool(nn.Module):
 
     def forward(self, x: torch.Tensor, segment: torch.Tensor, max_images: int) -> torch.Tensor:
         """x [S, L, D], segment [S, L] -> pooled [S, E_max, D]."""
-        k, v = rearrange(self.kv(self.norm(x)), "s l (two h d) -> two s h l d", two=2, h=self.heads)
-        scores = torch.einsum("hd,shld->shl", self.query, k) / math.sqrt(k.shape[-1])  # [S, H, L]
-        slots = torch.arange(max_images, device=segment.device)
-        member = segment[:, None, :] == slots[None, :, None]  # [S, E, L]
-        scores = scores[:, None].masked_fill(~member[:, :, None], float("-inf"))  # [S, E, H, L]
-        empty = ~member.any(dim=-1)  # [S, E]
-        weights = scores.masked_fill(empty[:, :, None, None], 0.0).softmax(dim=-1)
-        weights = weights.masked_fill(empty[:, :, None, None], 0.0)
-        pooled = torch.einsum("sehl,shld->sehd", weights, v)
+        S, L, D = x.shape
+        H = self.heads
+        k, v = rearrange(self.kv(self.norm(x)), "s l (two h d) -> two s l h d", two=2, h=H)
+        scores = torch.einsum("hd,slhd->slh", self.query, k).float() / math.sqrt(k.shape[-1])  # [S, L, H]
+        slot = slot_index(segment, max_images)[:, :, None].expand(S, L, H)
+        with torch.no_grad():  # the shift only keeps exp() in range; softmax does not depend on it
+            peak = scores.new_full((S, max_images + 1, H), float("-inf")).scatter_reduce(
+                1, slot, scores, reduce="amax", include_self=True)
+        weights = (scores - peak.gather(1, slot)).exp()
+        total = weights.new_zeros(S, max_images + 1, H).scatter_add(1, slot, weights)
+        weights = (weights / total.gather(1, slot)).to(v.dtype)  # softmax within each image
+        pooled = v.new_zeros(S, max_images + 1, H, v.shape[-1]).scatter_add(
+            1, slot[..., None].expand(S, L, H, v.shape[-1]), weights[..., None] * v)[:, :max_images]
         out = self.out(rearrange(pooled, "s e h d -> s e (h d)"))
+        empty = ~valid_slots(segment, max_images)
         return out.masked_fill(empty[:, :, None], 0.0)  # after the projection: its bias is not an image
+
+
+class MaskedMeanPool(nn.Module):
+    """Mean of each image's tokens (no parameters)."""
+
+    def forward(self, x: torch.Tensor, segment: torch.Tensor, max_images: int) -> torch.Tensor:
+        S, L, D = x.shape
+        slot = slot_index(segment, max_images)
+        sums = x.new_zeros(S, max_images + 1, D).scatter_add(1, slot[..., None].expand(S, L, D), x)
+        counts = x.new_zeros(S, max_images + 1).scatter_add(1, slot, torch.ones_like(x[..., 0]))
+        return (sums / counts.clamp(min=1)[..., None])[:, :max_images]
+
+
+def valid_slots(segment: torch.Tensor, max_images: int) -> torch.Tensor:
+    """[S, L] -> [S, E_max] bool: the slot owns at least one token."""
+    slot = slot_index(segment, max_images)
+    counts = torch.zeros(segment.shape[0], max_images + 1, dtype=torch.long, device=segment.device)
+    counts.scatter_add_(1, slot, torch.ones_like(slot))
+    return counts[:, :max_images] > 0
+
+
+def build_pool(kind: str, *, dim: int, heads: int) -> nn.Module:
+    """The pooling named by model.vision.pooling (map | mean)."""
+    if kind == "map":
+        return MaskedAttentionPool(dim=dim, heads=heads)
+    if kind == "mean":
+        return MaskedMeanPool()
+    raise ValueError(f"unknown pooling {kind!r} (model.vision.pooling: map or mean)")

@@ -20,7 +20,8 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.token_emb = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_emb = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
-        self.blocks = nn.ModuleList(Block(dim=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(dim=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                                           checkpointing=cfg.grad_checkpointing) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_emb.weight, std=0.02)
 
