@@ -13,7 +13,7 @@ import logging
 import signal
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from PIL import Image
@@ -28,6 +28,9 @@ from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
                                     parse_weights, read_raw, read_samples, split_shards, split_sources)
 from navit_clip.data.text import CaptionTokenizer
+
+if TYPE_CHECKING:
+    from navit_clip.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,19 @@ def resolution_policy(spec: StreamSpec) -> ResolutionPolicy:
                             mode=spec.resolution, min_tokens=spec.min_tokens, side_mean=spec.side_mean,
                             side_std=spec.side_std, ramp_start_tokens=spec.ramp_start_tokens,
                             ramp_steps=spec.ramp_steps)
+
+
+def extra_stream_fields(cfg: "Config") -> dict:
+    """StreamSpec fields of the packer lookahead, sources, resampling, resolution sampling and
+    token dropping, read from the data config (the training loop adds them to its spec)."""
+    d = cfg.data
+    drop = DropPolicy(kind=d.drop, rate=d.drop_rate, beta_a=d.drop_beta_a, beta_b=d.drop_beta_b,
+                      max_rate=d.drop_max_rate, min_tokens=d.min_tokens_per_image,
+                      max_tokens=d.max_tokens_per_image, start_scale=d.drop_ramp_start, ramp_steps=d.drop_ramp_steps)
+    return dict(pack_buffer=d.pack_buffer, source_weights=d.source_weights, resampled=d.resampled,
+                steps_per_epoch=d.steps_per_epoch, allow_pipe=d.allow_pipe, shard_kind=d.shard_kind,
+                side_mean=d.side_mean, side_std=d.side_std, ramp_start_tokens=d.resolution_ramp_start_tokens,
+                ramp_steps=d.resolution_ramp_steps, drop=drop)
 
 
 class PackedStream(IterableDataset):
