@@ -121,3 +121,17 @@ def group(sequences: Iterable[dict[str, Any]], size: int, pad_last: bool) -> Ite
             chunk = []
     if chunk and pad_last:
         yield chunk
+
+
+def write_packed_shards(batches: Iterable[PackedBatch], pattern: str, sequences_per_shard: int) -> list[str]:
+    """Write the non-empty sequences of `batches`, in order, to shards named by pattern % i."""
+    from navit_clip.data.shards import write_shards
+
+    def samples() -> Iterator[dict[str, Any]]:
+        written = 0
+        for batch in batches:
+            for sample in batch_to_samples(batch, written):
+                written += 1
+                yield sample
+
+    return write_shards(samples(), pattern, max_per_shard=sequences_per_shard)
