@@ -24,7 +24,7 @@ from navit_clip.data.dropping import DropPolicy, apply_dropping
 from navit_clip.data.packing import PatchedImage, StreamingPacker
 from navit_clip.data.patches import patchify
 from navit_clip.data.prepacked import BadSequence, decode_sequence, group, sequences_to_batch, shard_holds_packed
-from navit_clip.data.resolution import ResolutionPolicy
+from navit_clip.data.resolution import ResolutionPolicy, fit_grid
 from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
                                     parse_weights, read_raw, read_samples, split_shards, split_sources)
 from navit_clip.data.text import CaptionTokenizer
@@ -85,16 +85,26 @@ def shuffled(items: Iterator[Sample], buffer: int, rng: np.random.Generator) -> 
 
 
 def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray,
-                rng: np.random.Generator | None = None, step: int = 0) -> PatchedImage:
-    """Size an RGB image by the policy and cut it into patches."""
-    rows, cols = policy.grid_for(*image.size, rng=rng, step=step)
+                rng: np.random.Generator | None = None, step: int = 0,
+                native_size: tuple[int, int] | None = None) -> PatchedImage:
+    """Size an RGB image by the policy (from its native size if it was decoded smaller) and cut
+    it into patches."""
+    rows, cols = policy.grid_for(*(native_size or image.size), rng=rng, step=step)
     patches, coords = patchify(image, rows, cols, policy.patch_size)
     return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
 
 
 def to_patched(sample: Sample, policy: ResolutionPolicy, tokenizer: CaptionTokenizer,
                rng: np.random.Generator | None, step: int = 0) -> PatchedImage:
-    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng, step)
+    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng, step,
+                       sample.native_size)
+
+
+def draft_size(policy: ResolutionPolicy, width: int, height: int) -> tuple[int, int]:
+    """The pixel size of the largest grid the policy can pick for an image: JPEGs are decoded
+    straight to a reduced size no smaller than it."""
+    rows, cols = fit_grid(width, height, policy.patch_size, policy.max_tokens, policy.max_side)
+    return cols * policy.patch_size, rows * policy.patch_size
 
 
 def resolution_policy(spec: StreamSpec) -> ResolutionPolicy:
@@ -137,6 +147,9 @@ class PackedStream(IterableDataset):
         if spec.resampled and not spec.loop:
             raise ValueError("a resampled stream is endless; it cannot be read as a single pass (loop=False)")
 
+    def draft(self, width: int, height: int) -> tuple[int, int]:
+        return draft_size(resolution_policy(self.spec), width, height)
+
     def _shard_kind(self) -> str:
         kind = self.spec.shard_kind
         if kind not in ("auto", "raw", "packed"):
@@ -177,7 +190,7 @@ class PackedStream(IterableDataset):
                 shared = split.stride > 1
                 (np.random.default_rng([spec.seed, epoch]) if shared else rng).shuffle(order)
             streams.append(read_samples(replace(split, shards=tuple(order)), stats, spec.max_image_pixels,
-                                        min_side=spec.patch_size))
+                                        min_side=spec.patch_size, draft=self.draft))
         return shuffled(interleave(streams, self.weights, rng), spec.shuffle_buffer, rng)
 
     def _resampled(self, source: list[str], rng: np.random.Generator, stats: ReadStats) -> Iterator[Sample]:
@@ -187,7 +200,7 @@ class PackedStream(IterableDataset):
             shard = source[int(rng.integers(len(source)))]
             decoded = stats.decoded
             yield from read_samples(ShardSplit((shard,)), stats, self.spec.max_image_pixels,
-                                    min_side=self.spec.patch_size)
+                                    min_side=self.spec.patch_size, draft=self.draft)
             barren = barren + 1 if stats.decoded == decoded else 0
             if barren > 2 * len(source) + 8:
                 raise RuntimeError(f"no usable sample in {barren} shards drawn in a row from {source} "

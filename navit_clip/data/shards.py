@@ -14,7 +14,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 from braceexpand import braceexpand
@@ -48,6 +48,7 @@ class Sample:
     image: Image.Image  # RGB
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    native_size: tuple[int, int] | None = None  # (width, height) in the file, if decoded smaller
 
 
 @dataclass
@@ -146,8 +147,14 @@ class BadSample(ValueError):
     pass
 
 
-def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1) -> Sample:
-    """Decode one raw sample; raise BadSample with the reason if it cannot be used."""
+def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1,
+                  draft: Callable[[int, int], tuple[int, int]] | None = None) -> Sample:
+    """Decode one raw sample; raise BadSample with the reason if it cannot be used.
+
+    `draft(width, height)` may name the smallest size the image will be used at; a JPEG is then
+    decoded directly at a power-of-two reduction no smaller than that (libjpeg's DCT scaling),
+    several times faster than a full decode followed by a resize.
+    """
     key = raw.get("__key__", "?")
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if image_ext is None:
@@ -164,6 +171,8 @@ def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1) -> Sa
             raise BadSample("empty_image")
         if width < min_side or height < min_side:
             raise BadSample("image_too_small")
+        if draft is not None and image.format == "JPEG":
+            image.draft("RGB", draft(width, height))
         image = image.convert("RGB")  # forces the full decode here, inside the try
     except BadSample:
         raise
@@ -183,18 +192,19 @@ def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1) -> Sa
             raise BadSample("bad_json") from exc
         if not isinstance(meta, dict):
             raise BadSample("bad_json")
-    return Sample(key=key, image=image, caption=caption, meta=meta)
+    native = (width, height) if image.size != (width, height) else None
+    return Sample(key=key, image=image, caption=caption, meta=meta, native_size=native)
 
 
 def read_samples(split: ShardSplit, stats: ReadStats, max_pixels: int = 64_000_000,
-                 min_side: int = 1) -> Iterator[Sample]:
+                 min_side: int = 1, draft: Callable[[int, int], tuple[int, int]] | None = None) -> Iterator[Sample]:
     """Decoded samples of one reader's split, in shard order; bad samples are skipped and counted.
     Images with a side below `min_side` pixels (less than one patch) are skipped as too small."""
     for index, raw in enumerate(read_raw(split.shards, stats)):
         if index % split.stride != split.offset:
             continue
         try:
-            sample = decode_sample(raw, max_pixels, min_side)
+            sample = decode_sample(raw, max_pixels, min_side, draft)
         except BadSample as exc:
             stats.skipped[str(exc)] += 1
             log.warning("skipping sample %s in shard %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
