@@ -241,3 +241,35 @@ def test_ranks_never_wait_on_each_other(bad_shard_set, tiny_shards, tmp_path):
     for rank in range(WORLD):
         images = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["images"]
         assert len(images) == steps and min(images) >= 1
+
+
+# ------------------------------------------------------------------------ JPEG draft decoding
+
+
+def test_jpeg_decoded_small_but_sized_from_native(tmp_path):
+    """A large JPEG is decoded at a reduced size, yet its grid is the one of its native size, and
+    its patches are close to those of a full decode + resize."""
+    from navit_clip.data.loader import patch_image
+    from navit_clip.data.resolution import ResolutionPolicy, fit_grid
+    from navit_clip.data.shards import ReadStats, ShardSplit, read_samples
+
+    ys, xs = np.mgrid[0:1000, 0:1500]  # photo-like: smooth shapes plus sensor noise
+    pixels = np.stack([np.sin(xs / 37) * 100 + 128, np.cos(ys / 23) * 100 + 128, (xs + ys) / 10], -1)
+    pixels = (pixels + np.random.default_rng(0).integers(0, 30, pixels.shape)).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    big = buffer.getvalue()
+    path = write_tar(tmp_path / "jpeg.tar", [("big.jpg", big), ("big.txt", b"a large photo")])
+    spec = spec_for(path, max_tokens=256, max_side=16, seq_len=256)
+    batch = next(iter(PackedStream(spec)))
+    assert tuple(batch.grid[0, 0].tolist()) == fit_grid(1500, 1000, 16, 256, 16) == (11, 16)
+    stream = PackedStream(spec)
+    sample = next(read_samples(ShardSplit((path,)), ReadStats(), draft=stream.draft))
+    assert sample.native_size == (1500, 1000) and sample.image.size[0] < 1500
+    policy = ResolutionPolicy(16, 256, 16)
+    full = Image.open(io.BytesIO(big)).convert("RGB")
+    reference = patch_image("big", full, policy, np.zeros(1, np.int64))
+    drafted = patch_image("big", sample.image, policy, np.zeros(1, np.int64), native_size=sample.native_size)
+    assert drafted.grid == reference.grid
+    diff = np.abs(drafted.patches.astype(int) - reference.patches.astype(int))
+    assert diff.mean() < 2.0, diff.mean()  # of 255: the DCT-scaled decode is a fine downscale
