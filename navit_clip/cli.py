@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from navit_clip.config import CONFIG_DIR, ConfigError, load_config
+from navit_clip.data.make_shards import InputError
 from navit_clip.data.shards import ShardError
 
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ShardError, FileNotFoundError) as exc:
+    except (ConfigError, ShardError, InputError, FileNotFoundError) as exc:
         print(f"navit-clip {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -167,8 +167,13 @@ def test_make_shards_from_img2dataset_folder_with_max_side(tmp_path):
     assert by_caption["first"].meta["url"] == "http://example.com/1.jpg"
 
 
-def test_make_shards_bad_caption_file_names_column(tmp_path):
+def test_make_shards_bad_caption_file_names_column(tmp_path, capsys):
     captions = tmp_path / "c.csv"
     captions.write_text("name,words\nx.jpg,hello\n")
-    with pytest.raises(ValueError, match="image file column"):
-        main(["make-shards", "--images", str(tmp_path), "--captions", str(captions), "--out", str(tmp_path / "o")])
+    assert main(["make-shards", "--images", str(tmp_path), "--captions", str(captions),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "c.csv has no image file column" in capsys.readouterr().err
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"file": "x.jpg", "caption": "fine"}\n{oops\n')
+    assert main(["make-shards", "--images", str(tmp_path), "--captions", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "c.jsonl line 2 is not JSON" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import logging
 import signal
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -67,12 +67,15 @@ class StreamSpec:
     drop: DropPolicy = DropPolicy()
 
 
-def shuffled(items: Iterator[Sample], buffer: int, rng: np.random.Generator) -> Iterator[Sample]:
+T = TypeVar("T")
+
+
+def shuffled(items: Iterator[T], buffer: int, rng: np.random.Generator) -> Iterator[T]:
     """Reservoir-style shuffle with a bounded buffer (whole-dataset shuffles do not stream)."""
     if buffer <= 1:
         yield from items
         return
-    pool: list[Sample] = []
+    pool: list[T] = []
     for item in items:
         if len(pool) < buffer:
             pool.append(item)
@@ -144,6 +147,9 @@ class PackedStream(IterableDataset):
         self.weights = parse_weights(spec.source_weights, len(self.sources))
         self.shards = [path for source in self.sources for path in source]
         self.kind = self._shard_kind()
+        if spec.resampled and self.kind == "packed":
+            raise ShardError("data.resampled reads raw shards; pre-packed shards are read in epochs "
+                             "(set data.resampled=false)")
         if spec.resampled and not spec.loop:
             raise ValueError("a resampled stream is endless; it cannot be read as a single pass (loop=False)")
 

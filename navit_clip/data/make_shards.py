@@ -29,6 +29,10 @@ FILE_COLUMNS = ("file", "filepath", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 
 
+class InputError(ValueError):
+    """A caption file or image folder cannot be read as asked (missing column, bad line)."""
+
+
 @dataclass
 class Entry:
     """One image to shard: its path, its caption (None if missing) and extra metadata."""
@@ -43,7 +47,7 @@ def _pick(columns: list[str], wanted: tuple[str, ...], what: str, source: str) -
     for name in wanted:
         if name in lower:
             return lower[name]
-    raise ValueError(f"{source} has no {what} column (looked for {', '.join(wanted)}; found {', '.join(columns)})")
+    raise InputError(f"{source} has no {what} column (looked for {', '.join(wanted)}; found {', '.join(columns)})")
 
 
 def read_caption_file(captions: str | Path, images: str | Path) -> Iterator[Entry]:
@@ -52,8 +56,18 @@ def read_caption_file(captions: str | Path, images: str | Path) -> Iterator[Entr
     if not captions.exists():
         raise FileNotFoundError(f"caption file {captions} does not exist")
     if captions.suffix.lower() in (".jsonl", ".json"):
+        rows = []
         with captions.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{captions} line {number} is not JSON: {exc}") from exc
+                if not isinstance(row, dict):
+                    raise InputError(f"{captions} line {number} is not a JSON object")
+                rows.append(row)
         columns = sorted({k for row in rows for k in row})
     else:
         delimiter = "\t" if captions.suffix.lower() == ".tsv" else ","
