@@ -273,3 +273,20 @@ def test_jpeg_decoded_small_but_sized_from_native(tmp_path):
     assert drafted.grid == reference.grid
     diff = np.abs(drafted.patches.astype(int) - reference.patches.astype(int))
     assert diff.mean() < 2.0, diff.mean()  # of 255: the DCT-scaled decode is a fine downscale
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_replays_resampled_dropped_sampled_stream(bad_shard_set, num_workers):
+    """Resuming (replay + skip) reproduces the exact batches with every stochastic feature on."""
+    from navit_clip.data.loader import ResumableBatches
+
+    shards, _ = bad_shard_set
+    spec = spec_for(shards, loop=True, resampled=True, steps_per_epoch=3, resolution="side_normal",
+                    drop=DropPolicy(kind="beta", beta_a=2, beta_b=5, max_rate=0.5), pack_buffer=8)
+    reference = list(itertools.islice(ResumableBatches(make_loader(spec, num_workers=num_workers)), 7))
+    resumed = ResumableBatches(make_loader(spec, num_workers=num_workers), state={"batches": 4})
+    for expected in reference[4:]:
+        got = next(resumed)
+        assert got.keys == expected.keys
+        for name in ("patches", "coords", "segment", "grid", "valid", "text"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name

@@ -8,6 +8,7 @@ every rank runs exactly the number of steps asked for.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import signal
@@ -108,6 +109,12 @@ def draft_size(policy: ResolutionPolicy, width: int, height: int) -> tuple[int, 
     straight to a reduced size no smaller than it."""
     rows, cols = fit_grid(width, height, policy.patch_size, policy.max_tokens, policy.max_side)
     return cols * policy.patch_size, rows * policy.patch_size
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(context_length: int) -> CaptionTokenizer:
+    """Building the BPE tables takes ~0.2 s: once per process, not once per stream or epoch."""
+    return CaptionTokenizer(context_length)
 
 
 def resolution_policy(spec: StreamSpec) -> ResolutionPolicy:
@@ -215,7 +222,7 @@ class PackedStream(IterableDataset):
     def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         spec = self.spec
         policy = resolution_policy(spec)
-        tokenizer = CaptionTokenizer(spec.text_len)
+        tokenizer = cached_tokenizer(spec.text_len)
         packer = StreamingPacker(seq_len=spec.seq_len, max_images=spec.max_images,
                                  sequences_per_batch=spec.sequences_per_batch, open_sequences=spec.open_sequences,
                                  buffer_size=spec.pack_buffer)
