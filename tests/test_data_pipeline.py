@@ -290,3 +290,37 @@ def test_resume_replays_resampled_dropped_sampled_stream(bad_shard_set, num_work
         assert got.keys == expected.keys
         for name in ("patches", "coords", "segment", "grid", "valid", "text"):
             assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+# --------------------------------------------------------------- skips reach the training metrics
+
+
+@pytest.mark.slow
+def test_training_metrics_log_skips_by_reason(bad_shard_set, tmp_path):
+    """A short real training run (DeepSpeed, 1 process) on the bad shard set: metrics.jsonl
+    reports the skipped samples by reason, and the run is not stopped by them."""
+    import json
+    import subprocess
+    import sys
+
+    shards, _ = bad_shard_set
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    args = ["train", "model.vision.patch_size=16", "model.vision.width=32", "model.vision.depth=1",
+            "model.vision.heads=2", "model.vision.max_grid_side=16", "model.text.width=32", "model.text.depth=1",
+            "model.text.heads=2", "model.text.context_length=12", "model.embed_dim=32", "data.seq_len=64",
+            "data.max_images=6", "data.sequences_per_batch=2", "data.max_tokens_per_image=32",
+            "data.min_tokens_per_image=4", "data.num_workers=1", "data.shuffle_buffer=4", "data.pack_buffer=8",
+            f"data.train_shards={shards}", f"data.eval_shards={shards}", f"train.out_dir={out}", "train.steps=6",
+            "train.log_every=2", "train.ckpt_every=100", "optim.warmup_steps=1"]
+    proc = subprocess.run([sys.executable, "-m", "navit_clip", *args], capture_output=True, text=True, timeout=600,
+                          env={**env, "MKL_CBWR": "COMPATIBLE"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["step"] == 6
+    assert last["skipped_samples"] == sum(last["skipped_by_reason"].values()) > 0
+    assert set(last["skipped_by_reason"]) <= set(EXPECTED_SKIPS)
+    # 20 good samples and 6 steps of ~6 images: the reader has been through every shard
+    assert set(last["skipped_by_reason"]) == set(EXPECTED_SKIPS)
