@@ -324,3 +324,27 @@ def test_training_metrics_log_skips_by_reason(bad_shard_set, tmp_path):
     assert set(last["skipped_by_reason"]) <= set(EXPECTED_SKIPS)
     # 20 good samples and 6 steps of ~6 images: the reader has been through every shard
     assert set(last["skipped_by_reason"]) == set(EXPECTED_SKIPS)
+
+
+@pytest.mark.parametrize("override, key", [("data.drop=sometimes", "data.drop"), ("data.drop_rate=1.2", "data.drop_rate"),
+                                           ("data.resolution=random", "data.resolution"),
+                                           ("data.shard_kind=zip", "data.shard_kind"),
+                                           ("data.pack_buffer=-1", "data.pack_buffer")])
+def test_bad_data_config_names_key(override, key):
+    from navit_clip.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_config_reaches_the_stream():
+    from navit_clip.config import load_config
+    from navit_clip.train.loop import train_stream_spec
+
+    cfg = load_config(None, ["data.drop=beta", "data.drop_beta_a=2", "data.resolution=side_normal",
+                             "data.side_mean=0.3", "data.pack_buffer=128", "data.resampled=true",
+                             "data.steps_per_epoch=50", "data.source_weights=0.7,0.3"])
+    spec = train_stream_spec(cfg)
+    assert spec.drop == DropPolicy(kind="beta", beta_a=2.0, beta_b=1.0, max_rate=0.5, min_tokens=16, max_tokens=64)
+    assert (spec.resolution, spec.side_mean, spec.pack_buffer, spec.resampled, spec.steps_per_epoch,
+            spec.source_weights) == ("side_normal", 0.3, 128, True, 50, "0.7,0.3")
