@@ -22,6 +22,7 @@ class PackedBatch:
     text: torch.Tensor  # [S, E_max, T] int64: caption token ids of each slot (zeros if empty)
     keys: tuple[tuple[str, ...], ...] = field(default=())  # per sequence, per filled slot
     skipped_samples: int = 0  # corrupt samples the reader skipped since its previous batch
+    skipped_by_reason: dict = field(default_factory=dict)  # the same skips by reason, e.g. {"no_caption": 2}
 
     @property
     def num_sequences(self) -> int:

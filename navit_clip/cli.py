@@ -1,4 +1,4 @@
-"""`navit-clip train | eval | export | make-shards | demo`."""
+"""`navit-clip train | eval | export | make-shards | pack-shards | demo`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,63 @@ import time
 from pathlib import Path
 
 from navit_clip.config import CONFIG_DIR, ConfigError, load_config
+from navit_clip.data.make_shards import InputError
 from navit_clip.data.shards import ShardError
 
 
 def _cmd_make_shards(args: argparse.Namespace) -> dict:
+    if getattr(args, "images", None) or getattr(args, "img2dataset", None):
+        return _make_shards_from_files(args)
     from navit_clip.data.digits import make_digit_shards
 
     info = make_digit_shards(args.out, train_copies=args.train_copies, seed=args.seed)
     print(f"wrote {info['num_train']} training and {info['num_eval']} evaluation samples to {args.out}")
     return info
+
+
+def _make_shards_from_files(args: argparse.Namespace) -> dict:
+    from navit_clip.data.make_shards import make_shards, read_caption_file, read_image_folder
+
+    if args.img2dataset:
+        entries = list(read_image_folder(args.img2dataset))
+    else:
+        if not args.captions:
+            raise FileNotFoundError("--images needs --captions (a CSV, TSV or JSONL file of image and caption)")
+        entries = list(read_caption_file(args.captions, args.images))
+    info = make_shards(iter(entries), args.out, per_shard=args.per_shard, prefix=args.prefix,
+                       max_side=args.max_side, total=len(entries))
+    print(f"wrote {info['num_samples']} samples in {info['num_shards']} shards to {args.out} ({info['shards']}); "
+          f"skipped {sum(info['skipped'].values())}: {info['skipped']}")
+    return info
+
+
+def _cmd_pack_shards(args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from navit_clip.data.loader import PackedStream
+    from navit_clip.data.prepacked import write_packed_shards
+    from navit_clip.train.loop import train_stream_spec
+
+    cfg = load_config(args.config, args.overrides)
+    spec = replace(train_stream_spec(cfg), shards=args.shards, loop=False, resampled=False, shard_kind="raw",
+                   shuffle_buffer=args.shuffle_buffer)
+    stream = PackedStream(spec)
+    batches = tqdm(stream, desc="pack-shards", unit="batch")
+    skipped: dict = {}
+
+    def counted():
+        for batch in batches:
+            for reason, n in batch.skipped_by_reason.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            yield batch
+
+    paths = write_packed_shards(counted(), str(Path(args.out) / "packed-%06d.tar"), args.per_shard)
+    spec_out = str(Path(args.out) / f"packed-{{000000..{len(paths) - 1:06d}}}.tar")
+    print(f"wrote {len(paths)} pre-packed shards to {args.out} ({spec_out}); skipped samples: {skipped}. "
+          f"Train on them with data.train_shards='{spec_out}' and the same model, seq_len and max_images.")
+    return {"shards": spec_out, "num_shards": len(paths), "skipped": skipped}
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
@@ -111,11 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: RUN/export")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("make-shards", help="build the bundled digits dataset as WebDataset shards")
+    p = sub.add_parser("make-shards", help="WebDataset shards from images + captions, img2dataset output, "
+                                            "or (with no input) the bundled digits dataset")
     p.add_argument("--out", default="data/digits")
-    p.add_argument("--train-copies", type=int, default=2, help="renderings of each training digit")
+    p.add_argument("--train-copies", type=int, default=2, help="digits: renderings of each training digit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", default=None, help="folder of images named by --captions")
+    p.add_argument("--captions", default=None, help="CSV/TSV/JSONL with an image file column and a caption column")
+    p.add_argument("--img2dataset", default=None, help="img2dataset `files` output (image + .txt + .json)")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--max-side", type=int, default=0, help="shrink larger images to this side (0: keep native)")
     p.set_defaults(func=_cmd_make_shards)
+
+    p = sub.add_parser("pack-shards", help="pre-pack raw shards into shards of ready packed sequences")
+    p.add_argument("--config", default=default_config)
+    p.add_argument("--shards", required=True, help="raw shard spec to pack")
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-shard", type=int, default=256, help="sequences per output shard")
+    p.add_argument("--shuffle-buffer", type=int, default=0, help="shuffle samples before packing")
+    p.add_argument("overrides", nargs="*", help="key.sub=value (patch size, seq_len, max_images, resolution, ...)")
+    p.set_defaults(func=_cmd_pack_shards)
 
     p = sub.add_parser("demo", help="make the default dataset, train, evaluate zero-shot and export")
     p.add_argument("--config", default=default_config)
@@ -132,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ShardError, FileNotFoundError) as exc:
+    except (ConfigError, ShardError, InputError, FileNotFoundError) as exc:
         print(f"navit-clip {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -86,6 +86,23 @@ class DataConfig:
     shuffle_buffer: int = 256
     num_workers: int = 1
     max_image_pixels: int = 64_000_000  # larger images are skipped as suspicious
+    pack_buffer: int = 64  # lookahead examples of the best-fit packer; 0 = place each on arrival
+    source_weights: str = ""  # "0.7,0.3": mix of the ";"-separated sources in train_shards
+    resampled: bool = False  # draw shards with replacement, endless, no split by rank
+    steps_per_epoch: int = 0  # resampled: batches per epoch on every rank (0 = one endless epoch)
+    allow_pipe: bool = False  # allow `pipe:` shard URLs (they run shell commands)
+    shard_kind: str = "auto"  # auto | raw | packed (pre-packed by `navit-clip pack-shards`)
+    side_mean: float = 0.5  # side_normal resolution: mean side, as a fraction of [min, max]
+    side_std: float = 0.25  # side_normal resolution: spread, same units
+    resolution_ramp_start_tokens: int = 0  # > 0: the budget grows from this to max_tokens_per_image
+    resolution_ramp_steps: int = 0  # ... over this many steps
+    drop: str = "none"  # token dropping: none | constant | beta | resolution (training only)
+    drop_rate: float = 0.0  # constant rate, or the rate at max_tokens_per_image for `resolution`
+    drop_beta_a: float = 1.0
+    drop_beta_b: float = 1.0
+    drop_max_rate: float = 0.5  # beta: the drawn value is scaled to [0, drop_max_rate]
+    drop_ramp_start: float = 1.0  # the rate is scaled from this at step 0 to 1 at drop_ramp_steps
+    drop_ramp_steps: int = 0
 
 
 @dataclass
@@ -142,7 +159,8 @@ class Config:
             ("model.vision.max_grid_side", v.max_grid_side >= 1, "must be >= 1"),
             ("model.loss", self.model.loss in {"softmax", "sigmoid"}, "must be softmax or sigmoid"),
             ("model.loss_chunk_size", self.model.loss_chunk_size >= 1, "must be >= 1"),
-            ("data.resolution", d.resolution in {"native", "sampled"}, "must be native or sampled"),
+            ("data.resolution", d.resolution in {"native", "sampled", "side_uniform", "side_normal"},
+             "must be native, sampled, side_uniform or side_normal"),
             ("data.max_tokens_per_image", 1 <= d.max_tokens_per_image <= d.seq_len, "must be in [1, data.seq_len]"),
             ("data.min_tokens_per_image", 1 <= d.min_tokens_per_image <= d.max_tokens_per_image,
              "must be in [1, data.max_tokens_per_image]"),
@@ -150,6 +168,16 @@ class Config:
             ("data.sequences_per_batch", d.sequences_per_batch >= 1, "must be >= 1"),
             ("data.open_sequences", d.open_sequences >= 1, "must be >= 1"),
             ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
+            ("data.pack_buffer", d.pack_buffer >= 0, "must be >= 0"),
+            ("data.steps_per_epoch", d.steps_per_epoch >= 0, "must be >= 0"),
+            ("data.shard_kind", d.shard_kind in {"auto", "raw", "packed"}, "must be auto, raw or packed"),
+            ("data.side_std", d.side_std > 0, "must be > 0"),
+            ("data.drop", d.drop in {"none", "constant", "beta", "resolution"},
+             "must be none, constant, beta or resolution"),
+            ("data.drop_rate", 0.0 <= d.drop_rate < 1.0, "must be in [0, 1)"),
+            ("data.drop_max_rate", 0.0 <= d.drop_max_rate < 1.0, "must be in [0, 1)"),
+            ("data.drop_beta_a", d.drop_beta_a > 0, "must be > 0"),
+            ("data.drop_beta_b", d.drop_beta_b > 0, "must be > 0"),
             ("train.steps", self.train.steps >= 1, "must be >= 1"),
             ("train.precision", self.train.precision in {"fp32", "bf16"}, "must be fp32 or bf16"),
             ("train.ckpt_every", self.train.ckpt_every >= 1, "must be >= 1"),

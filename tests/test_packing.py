@@ -265,3 +265,84 @@ def test_streaming_sequence_closes_when_it_holds_max_images():
     assert len(out) == 1 and out[0].keys == (("p0", "p1"),)
     assert out[0].padding_fraction() == pytest.approx(61 / 64)
     assert packer.flush() == []
+
+
+# ------------------------------------------------------------------- lookahead (buffered) packer
+
+import itertools as _itertools
+
+from navit_clip.data.packing import best_subset
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_best_subset_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [int(x) for x in rng.integers(1, 40, int(rng.integers(0, 11)))]
+    capacity = int(rng.integers(0, 100))
+    max_items = int(rng.integers(1, 12))
+    chosen = best_subset(sizes, capacity, max_items)
+    assert len(set(chosen)) == len(chosen) and all(0 <= i < len(sizes) for i in chosen)
+    total = sum(sizes[i] for i in chosen)
+    assert total <= capacity and len(chosen) <= max_items
+    best = max((sum(c) for r in range(0, min(len(sizes), max_items) + 1)
+                for c in _itertools.combinations(sizes, r) if sum(c) <= capacity), default=0)
+    if max_items >= len(sizes):
+        assert total == best  # exact whenever the item limit does not bind
+    else:
+        assert total <= best
+
+
+@pytest.mark.parametrize("n, seed, seq_len, max_images, spb, buffer, max_side", [
+    (200, 0, 64, 8, 4, 16, 8), (150, 1, 128, 4, 3, 64, 8), (97, 2, 64, 16, 2, 5, 4), (31, 3, 64, 2, 5, 64, 8),
+    (1, 5, 64, 4, 4, 8, 8), (300, 6, 256, 16, 8, 256, 12)])
+def test_lookahead_every_image_once_with_valid_layout(n, seed, seq_len, max_images, spb, buffer, max_side):
+    images = random_images(n, seed, max_side=max_side)
+    packer = StreamingPacker(seq_len=seq_len, max_images=max_images, sequences_per_batch=spb, buffer_size=buffer)
+    batches = list(packer.pack_stream(images))
+    by_key = {im.key: im for im in images}
+    seen = []
+    for batch in batches:
+        assert batch.num_sequences == spb
+        seen += check_batch(batch, by_key, seq_len, max_images)
+    assert sorted(seen) == sorted(by_key) and len(seen) == len(set(seen))
+    assert packer.padding_fraction == pytest.approx(manual_padding(batches))
+
+
+def test_lookahead_waits_at_most_buffer_sequences():
+    """The oldest buffered example always opens the next sequence: no example waits forever."""
+    images = random_images(500, 9, max_side=10)
+    buffer = 32
+    packer = StreamingPacker(seq_len=128, max_images=16, sequences_per_batch=1, buffer_size=buffer)
+    arrival = {im.key: i for i, im in enumerate(images)}
+    emitted = 0
+    for i, image in enumerate(images):
+        for batch in packer.push(image):
+            emitted += 1
+            for key in batch.keys[0]:
+                assert i - arrival[key] < buffer * 16, "an example stayed in the buffer too long"
+        # everything pushed more than `buffer` examples ago has left the buffer
+        assert len(packer._buffer) < buffer
+
+
+def test_lookahead_pads_less_than_placing_on_arrival_on_real_sizes():
+    import csv
+    from pathlib import Path
+    from navit_clip.data.resolution import fit_grid
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "image_sizes_laion_aesthetics.csv"
+    if not path.exists():
+        pytest.skip("image size CSVs not available")
+    with path.open() as f:
+        sizes = [(int(r["width"]), int(r["height"])) for r in csv.DictReader(f)][:3000]
+    rng = np.random.default_rng(0)
+
+    def padding(**kw) -> float:
+        packer = StreamingPacker(seq_len=1024, max_images=32, sequences_per_batch=8, **kw)
+        for i, (w, h) in enumerate(sizes):
+            rows, cols = fit_grid(w, h, 16, int(rng.integers(64, 257)), 10_000)
+            n = rows * cols
+            packer.push(PatchedImage(str(i), np.zeros((n, 1), np.uint8), np.zeros((n, 2), np.int64), (rows, cols),
+                                     np.zeros(1, np.int64)))
+        return packer.padding_fraction
+
+    arrival, lookahead = padding(open_sequences=8), padding(buffer_size=64)
+    assert lookahead < 0.005 < arrival

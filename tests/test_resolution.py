@@ -194,3 +194,36 @@ def test_policy_sampled_is_reproducible_and_needs_rng():
 def test_policy_unknown_mode():
     with pytest.raises(ValueError, match="unknown resolution mode"):
         ResolutionPolicy(patch_size=8, max_tokens=64, max_side=32, mode="fixed").grid_for(100, 100)
+
+
+# ------------------------------------------------------------ side-length sampling and schedule
+
+
+@pytest.mark.parametrize("mode", ["side_uniform", "side_normal"])
+def test_side_sampling_stays_in_budget_and_keeps_aspect(mode):
+    policy = ResolutionPolicy(patch_size=16, max_tokens=256, max_side=64, mode=mode, min_tokens=16)
+    rng = np.random.default_rng(0)
+    budgets = [policy.budget(rng) for _ in range(3000)]
+    assert 16 <= min(budgets) and max(budgets) <= 256
+    sides = np.sqrt(budgets)
+    if mode == "side_uniform":  # sides uniform on [4, 16]: mean 10, each third about a third
+        assert sides.mean() == pytest.approx(10, abs=0.25)
+        assert np.mean(sides < 8) == pytest.approx(1 / 3, abs=0.04)
+    else:  # normal around the middle, truncated: concentrated in the middle
+        assert sides.mean() == pytest.approx(10, abs=0.3)
+        assert np.mean(np.abs(sides - 10) < 3) > 0.55
+    rows, cols = policy.grid_for(1600, 400, rng)
+    assert cols >= 3 * rows
+
+
+def test_side_normal_low_mean_favours_low_resolution():
+    low = ResolutionPolicy(16, 256, 64, "side_normal", 16, side_mean=0.1, side_std=0.2)
+    high = ResolutionPolicy(16, 256, 64, "side_normal", 16, side_mean=0.9, side_std=0.2)
+    rng = np.random.default_rng(1)
+    assert np.mean([low.budget(rng) for _ in range(500)]) < 0.6 * np.mean([high.budget(rng) for _ in range(500)])
+
+
+def test_budget_ramp_over_steps():
+    policy = ResolutionPolicy(16, 256, 64, "native", ramp_start_tokens=64, ramp_steps=100)
+    assert [policy.max_tokens_at(s) for s in (0, 50, 100, 1000)] == [64, 160, 256, 256]
+    assert policy.grid_for(1024, 1024, step=0) == (8, 8) and policy.grid_for(1024, 1024, step=100) == (16, 16)

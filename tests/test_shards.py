@@ -251,7 +251,8 @@ def test_pickles_are_never_unpickled(corrupt_shard, tmp_path):
     assert not marker.exists(), "a pickle from the shard was unpickled"
     for key in ("pickled", "pickled2"):
         sample = samples[key]
-        assert set(vars(sample)) == {"key", "image", "caption", "meta"}
+        assert set(vars(sample)) == {"key", "image", "caption", "meta", "native_size"}
+        assert sample.native_size is None
         assert sample.meta == {}
         assert "pyd" not in sample.meta and "pickle" not in sample.meta
         assert all(not isinstance(v, _CreatesFile) for v in vars(sample).values())

@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=32)
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--open-sequences", type=int, default=8)
+    parser.add_argument("--buffer", type=int, default=64, help="lookahead examples (0: place on arrival)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -42,7 +43,8 @@ def main() -> None:
     policy = ResolutionPolicy(patch_size=args.patch_size, max_tokens=args.max_tokens, max_side=10_000,
                               mode=args.resolution, min_tokens=args.min_tokens)
     packer = StreamingPacker(seq_len=args.seq_len, max_images=args.max_images,
-                             sequences_per_batch=args.sequences, open_sequences=args.open_sequences)
+                             sequences_per_batch=args.sequences, open_sequences=args.open_sequences,
+                             buffer_size=args.buffer)
     empty_text = np.zeros(1, dtype=np.int64)
     tokens = []
     for index in rng.permutation(len(sizes)):

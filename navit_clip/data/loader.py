@@ -8,22 +8,30 @@ every rank runs exactly the number of steps asked for.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import signal
+from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from navit_clip.batch import PackedBatch
+from navit_clip.data.dropping import DropPolicy, apply_dropping
 from navit_clip.data.packing import PatchedImage, StreamingPacker
 from navit_clip.data.patches import patchify
-from navit_clip.data.resolution import ResolutionPolicy
-from navit_clip.data.shards import ReadStats, Sample, expand_shards, read_samples, split_shards
+from navit_clip.data.prepacked import BadSequence, decode_sequence, group, sequences_to_batch, shard_holds_packed
+from navit_clip.data.resolution import ResolutionPolicy, fit_grid
+from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
+                                    parse_weights, read_raw, read_samples, split_shards, split_sources)
 from navit_clip.data.text import CaptionTokenizer
+
+if TYPE_CHECKING:
+    from navit_clip.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +40,7 @@ log = logging.getLogger(__name__)
 class StreamSpec:
     """Everything one packed stream needs; built from the config by `stream_spec`."""
 
-    shards: str
+    shards: str  # one shard spec, or several sources separated by ";"
     patch_size: int
     max_side: int
     text_len: int
@@ -47,14 +55,28 @@ class StreamSpec:
     loop: bool = True  # endless epochs (training) or a single pass (evaluation)
     seed: int = 0
     max_image_pixels: int = 64_000_000
+    pack_buffer: int = 0  # lookahead examples of the best-fit packer (0 = place on arrival)
+    source_weights: str = ""  # "0.7,0.3": share of each ";"-separated source
+    resampled: bool = False  # draw shards with replacement (endless, no per-rank split)
+    steps_per_epoch: int = 0  # resampled: batches per epoch on every rank (0 = one endless epoch)
+    allow_pipe: bool = False
+    shard_kind: str = "auto"  # auto | raw | packed
+    side_mean: float = 0.5
+    side_std: float = 0.25
+    ramp_start_tokens: int = 0
+    ramp_steps: int = 0
+    drop: DropPolicy = DropPolicy()
 
 
-def shuffled(items: Iterator[Sample], buffer: int, rng: np.random.Generator) -> Iterator[Sample]:
+T = TypeVar("T")
+
+
+def shuffled(items: Iterator[T], buffer: int, rng: np.random.Generator) -> Iterator[T]:
     """Reservoir-style shuffle with a bounded buffer (whole-dataset shuffles do not stream)."""
     if buffer <= 1:
         yield from items
         return
-    pool: list[Sample] = []
+    pool: list[T] = []
     for item in items:
         if len(pool) < buffer:
             pool.append(item)
@@ -67,57 +89,213 @@ def shuffled(items: Iterator[Sample], buffer: int, rng: np.random.Generator) -> 
 
 
 def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray,
-                rng: np.random.Generator | None = None) -> PatchedImage:
-    """Size an RGB image by the policy and cut it into patches."""
-    rows, cols = policy.grid_for(*image.size, rng=rng)
+                rng: np.random.Generator | None = None, step: int = 0,
+                native_size: tuple[int, int] | None = None) -> PatchedImage:
+    """Size an RGB image by the policy (from its native size if it was decoded smaller) and cut
+    it into patches."""
+    rows, cols = policy.grid_for(*(native_size or image.size), rng=rng, step=step)
     patches, coords = patchify(image, rows, cols, policy.patch_size)
     return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
 
 
 def to_patched(sample: Sample, policy: ResolutionPolicy, tokenizer: CaptionTokenizer,
-               rng: np.random.Generator | None) -> PatchedImage:
-    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng)
+               rng: np.random.Generator | None, step: int = 0) -> PatchedImage:
+    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng, step,
+                       sample.native_size)
+
+
+def draft_size(policy: ResolutionPolicy, width: int, height: int) -> tuple[int, int]:
+    """The pixel size of the largest grid the policy can pick for an image: JPEGs are decoded
+    straight to a reduced size no smaller than it."""
+    rows, cols = fit_grid(width, height, policy.patch_size, policy.max_tokens, policy.max_side)
+    return cols * policy.patch_size, rows * policy.patch_size
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(context_length: int) -> CaptionTokenizer:
+    """Building the BPE tables takes ~0.2 s: once per process, not once per stream or epoch."""
+    return CaptionTokenizer(context_length)
+
+
+def resolution_policy(spec: StreamSpec) -> ResolutionPolicy:
+    return ResolutionPolicy(patch_size=spec.patch_size, max_tokens=spec.max_tokens, max_side=spec.max_side,
+                            mode=spec.resolution, min_tokens=spec.min_tokens, side_mean=spec.side_mean,
+                            side_std=spec.side_std, ramp_start_tokens=spec.ramp_start_tokens,
+                            ramp_steps=spec.ramp_steps)
+
+
+def extra_stream_fields(cfg: "Config") -> dict:
+    """StreamSpec fields of the packer lookahead, sources, resampling, resolution sampling and
+    token dropping, read from the data config (the training loop adds them to its spec)."""
+    d = cfg.data
+    drop = DropPolicy(kind=d.drop, rate=d.drop_rate, beta_a=d.drop_beta_a, beta_b=d.drop_beta_b,
+                      max_rate=d.drop_max_rate, min_tokens=d.min_tokens_per_image,
+                      max_tokens=d.max_tokens_per_image, start_scale=d.drop_ramp_start, ramp_steps=d.drop_ramp_steps)
+    return dict(pack_buffer=d.pack_buffer, source_weights=d.source_weights, resampled=d.resampled,
+                steps_per_epoch=d.steps_per_epoch, allow_pipe=d.allow_pipe, shard_kind=d.shard_kind,
+                side_mean=d.side_mean, side_std=d.side_std, ramp_start_tokens=d.resolution_ramp_start_tokens,
+                ramp_steps=d.resolution_ramp_steps, drop=drop)
 
 
 class PackedStream(IterableDataset):
-    """IterableDataset of PackedBatches for one rank; DataLoader workers split its shards."""
+    """IterableDataset of PackedBatches for one rank; DataLoader workers split its shards.
+
+    Raw shards are decoded, sized, patchified, token-dropped and packed here; pre-packed shards
+    (`navit-clip pack-shards`) are read as ready sequences. Worker w of W yields the rank's
+    batches w, w+W, w+2W, ... (the DataLoader takes workers in turn), which gives each batch its
+    training step for the resolution and dropping schedules.
+    """
 
     def __init__(self, spec: StreamSpec, rank: int = 0, world: int = 1) -> None:
         super().__init__()
         self.spec = spec
         self.rank, self.world = rank, world
-        self.shards = expand_shards(spec.shards)
+        self.sources = [expand_shards(source, spec.allow_pipe) for source in split_sources(spec.shards)]
+        self.weights = parse_weights(spec.source_weights, len(self.sources))
+        self.shards = [path for source in self.sources for path in source]
+        self.kind = self._shard_kind()
+        if spec.resampled and self.kind == "packed":
+            raise ShardError("data.resampled reads raw shards; pre-packed shards are read in epochs "
+                             "(set data.resampled=false)")
+        if spec.resampled and not spec.loop:
+            raise ValueError("a resampled stream is endless; it cannot be read as a single pass (loop=False)")
+
+    def draft(self, width: int, height: int) -> tuple[int, int]:
+        return draft_size(resolution_policy(self.spec), width, height)
+
+    def _shard_kind(self) -> str:
+        kind = self.spec.shard_kind
+        if kind not in ("auto", "raw", "packed"):
+            raise ShardError(f"data.shard_kind must be auto, raw or packed, got {kind!r}")
+        if kind != "auto":
+            return kind
+        return "packed" if shard_holds_packed(self.shards[0]) else "raw"
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        spec = self.spec
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        split = split_shards(self.shards, self.rank, self.world, worker, num_workers)
-        policy = ResolutionPolicy(patch_size=spec.patch_size, max_tokens=spec.max_tokens, max_side=spec.max_side,
-                                  mode=spec.resolution, min_tokens=spec.min_tokens)
-        tokenizer = CaptionTokenizer(spec.text_len)
-        packer = StreamingPacker(seq_len=spec.seq_len, max_images=spec.max_images,
-                                 sequences_per_batch=spec.sequences_per_batch, open_sequences=spec.open_sequences)
-        stats = ReadStats()
-        reported_skips = 0
-        epochs = itertools.count() if spec.loop else range(1)
-        for epoch in epochs:
-            rng = np.random.default_rng([spec.seed, self.rank, worker, epoch])
+        if self.kind == "packed":
+            yield from self._packed_batches(worker, num_workers)
+        else:
+            yield from self._online_batches(worker, num_workers)
+
+    def _epoch_quota(self, worker: int, num_workers: int) -> int | None:
+        """Batches this worker yields per epoch in resampled mode (None: the epoch ends with the data)."""
+        spec = self.spec
+        if not spec.resampled or spec.steps_per_epoch <= 0:
+            return None
+        return spec.steps_per_epoch // num_workers + (worker < spec.steps_per_epoch % num_workers)
+
+    def _epoch_samples(self, worker: int, num_workers: int, epoch: int, rng: np.random.Generator,
+                       stats: ReadStats) -> Iterator[Sample]:
+        """This reader's decoded samples for one epoch, shuffled and mixed across sources."""
+        spec = self.spec
+        if spec.resampled:
+            streams = [self._resampled(source, rng, stats) for source in self.sources]
+            return shuffled(interleave(streams, self.weights, rng), spec.shuffle_buffer, rng)
+        streams = []
+        for source in self.sources:
+            split = split_shards(source, self.rank, self.world, worker, num_workers)
             order = list(split.shards)
             if spec.shuffle_buffer > 0:
                 # Readers that stride through all shards must agree on the order, or they would
                 # count positions differently and read some samples twice and others never.
                 shared = split.stride > 1
                 (np.random.default_rng([spec.seed, epoch]) if shared else rng).shuffle(order)
-            samples = read_samples(replace(split, shards=tuple(order)), stats, spec.max_image_pixels)
-            images = (to_patched(s, policy, tokenizer, rng) for s in shuffled(samples, spec.shuffle_buffer, rng))
-            for batch in packer.pack_stream(images, flush=not spec.loop):
-                batch.skipped_samples = stats.num_skipped - reported_skips
-                reported_skips = stats.num_skipped
+            streams.append(read_samples(replace(split, shards=tuple(order)), stats, spec.max_image_pixels,
+                                        min_side=spec.patch_size, draft=self.draft))
+        return shuffled(interleave(streams, self.weights, rng), spec.shuffle_buffer, rng)
+
+    def _resampled(self, source: list[str], rng: np.random.Generator, stats: ReadStats) -> Iterator[Sample]:
+        """Endless samples from shards drawn with replacement (every reader may read every shard)."""
+        barren = 0  # shards in a row without a usable sample
+        while True:
+            shard = source[int(rng.integers(len(source)))]
+            decoded = stats.decoded
+            yield from read_samples(ShardSplit((shard,)), stats, self.spec.max_image_pixels,
+                                    min_side=self.spec.patch_size, draft=self.draft)
+            barren = barren + 1 if stats.decoded == decoded else 0
+            if barren > 2 * len(source) + 8:
+                raise RuntimeError(f"no usable sample in {barren} shards drawn in a row from {source} "
+                                   f"(skipped: {dict(stats.skipped)})")
+
+    def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
+        spec = self.spec
+        policy = resolution_policy(spec)
+        tokenizer = cached_tokenizer(spec.text_len)
+        packer = StreamingPacker(seq_len=spec.seq_len, max_images=spec.max_images,
+                                 sequences_per_batch=spec.sequences_per_batch, open_sequences=spec.open_sequences,
+                                 buffer_size=spec.pack_buffer)
+        stats = ReadStats()
+        reported: Counter = Counter()
+        yielded = 0
+        quota = self._epoch_quota(worker, num_workers)
+        epochs = itertools.count() if spec.loop else range(1)
+        for epoch in epochs:
+            rng = np.random.default_rng([spec.seed, self.rank, worker, epoch])
+            samples = self._epoch_samples(worker, num_workers, epoch, rng, stats)
+
+            def prepare(sample: Sample) -> PatchedImage:
+                step = yielded * num_workers + worker
+                image = to_patched(sample, policy, tokenizer, rng, step)
+                return apply_dropping(image, spec.drop, rng, step)
+
+            in_epoch = 0
+            for batch in packer.pack_stream(map(prepare, samples), flush=not spec.loop):
+                batch.skipped_by_reason = dict(stats.skipped - reported)
+                batch.skipped_samples = sum(batch.skipped_by_reason.values())
+                reported = Counter(stats.skipped)
+                yielded += 1
+                in_epoch += 1
+                yield batch
+                if quota is not None and in_epoch >= quota:
+                    break
+            if stats.decoded == 0:
+                raise RuntimeError(f"no usable sample in shards {self.shards} (skipped: {dict(stats.skipped)})")
+
+    def _packed_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
+        """Batches from pre-packed shards: split and shuffled by sequence, no decoding."""
+        spec = self.spec
+        stats = ReadStats()
+        reported: Counter = Counter()
+        epochs = itertools.count() if spec.loop else range(1)
+        for epoch in epochs:
+            rng = np.random.default_rng([spec.seed, self.rank, worker, epoch])
+            split = split_shards(self.shards, self.rank, self.world, worker, num_workers)
+            order = list(split.shards)
+            if spec.shuffle_buffer > 0:
+                (np.random.default_rng([spec.seed, epoch]) if split.stride > 1 else rng).shuffle(order)
+            sequences = self._read_sequences(replace(split, shards=tuple(order)), stats)
+            patch_dim = spec.patch_size * spec.patch_size * 3
+            for chunk in group(shuffled(sequences, spec.shuffle_buffer, rng), spec.sequences_per_batch,
+                               pad_last=not spec.loop):
+                batch = sequences_to_batch(chunk, spec.sequences_per_batch, spec.seq_len, spec.max_images,
+                                           patch_dim, spec.text_len)
+                batch.skipped_by_reason = dict(stats.skipped - reported)
+                batch.skipped_samples = sum(batch.skipped_by_reason.values())
+                reported = Counter(stats.skipped)
                 yield batch
             if stats.decoded == 0:
-                raise RuntimeError(f"no usable sample in shards {list(split.shards)} "
+                raise RuntimeError(f"no usable pre-packed sequence in shards {self.shards} "
                                    f"(skipped: {dict(stats.skipped)})")
+
+    def _read_sequences(self, split: ShardSplit, stats: ReadStats) -> Iterator[dict]:
+        spec = self.spec
+        for index, raw in enumerate(read_raw(split.shards, stats)):
+            if index % split.stride != split.offset:
+                continue
+            try:
+                seq = decode_sequence(raw, spec.seq_len, spec.max_images, spec.text_len)
+            except BadSequence as exc:
+                stats.skipped[str(exc)] += 1
+                log.warning("skipping packed sequence %s in shard %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
+                continue
+            if seq["patches"].shape[1] != spec.patch_size * spec.patch_size * 3:
+                raise ShardError(f"pre-packed shard {raw.get('__url__')} holds patches of {seq['patches'].shape[1]} "
+                                 f"values, but model.vision.patch_size={spec.patch_size} needs "
+                                 f"{spec.patch_size ** 2 * 3}")
+            stats.decoded += 1
+            yield seq
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

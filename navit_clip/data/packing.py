@@ -1,8 +1,11 @@
 """Pack patchified images into fixed-length sequences: best fit, at most E_max images each.
 
-`pack` packs a finished list (first-fit decreasing); `StreamingPacker` packs an endless stream,
-keeping a few sequences open so that a small image can fill the hole a large one left, and
-reports the share of token positions it had to pad.
+`pack` packs a finished list (first-fit decreasing); `StreamingPacker` packs an endless stream
+and reports the share of token positions it had to pad. With a lookahead buffer of B examples
+(`buffer_size`) it fills one sequence at a time: the oldest buffered example goes first (so no
+example waits for more than B sequences), and the rest of the sequence is the subset of the buffer
+whose token counts fill it best, found exactly by a bitset subset-sum. Without a buffer it keeps
+a few sequences open and places each example by best fit as it arrives.
 """
 
 from __future__ import annotations
@@ -106,8 +109,11 @@ def pack(examples: Iterable[PatchedImage], seq_len: int, max_images: int) -> Pac
 class StreamingPacker:
     """Best-fit packing of a stream into batches of `sequences_per_batch` sequences."""
 
-    def __init__(self, *, seq_len: int, max_images: int, sequences_per_batch: int, open_sequences: int = 8) -> None:
+    def __init__(self, *, seq_len: int, max_images: int, sequences_per_batch: int, open_sequences: int = 8,
+                 buffer_size: int = 0) -> None:
         self.seq_len = seq_len
+        self.buffer_size = max(0, buffer_size)
+        self._buffer: list[PatchedImage] = []  # oldest first
         self.max_images = max_images
         self.sequences_per_batch = sequences_per_batch
         self.open_sequences = max(1, open_sequences)
@@ -123,6 +129,11 @@ class StreamingPacker:
         """Share of emitted token positions that are padding (0 before anything was emitted)."""
         return 1.0 - self.tokens_filled / self.tokens_emitted if self.tokens_emitted else 0.0
 
+    @property
+    def images_per_sequence(self) -> float:
+        """Mean images per emitted sequence (empty end-of-stream sequences included)."""
+        return self.images_emitted * self.seq_len / self.tokens_emitted if self.tokens_emitted else 0.0
+
     def _close(self, seq: _Sequence) -> None:
         self._open.remove(seq)
         self._closed.append(seq)
@@ -131,6 +142,11 @@ class StreamingPacker:
         """Add one image; return the batches that became complete (usually none or one)."""
         _check_fits(image, self.seq_len)
         self._shape = self._shape or (image.patches.shape[1], len(image.text))
+        if self.buffer_size:
+            self._buffer.append(image)
+            while len(self._buffer) >= self.buffer_size:
+                self._fill_from_buffer()
+            return self._emit_ready()
         fits = [s for s in self._open if s.free >= image.num_tokens and len(s.images) < self.max_images]
         if fits:
             target = min(fits, key=lambda s: s.free)
@@ -143,6 +159,19 @@ class StreamingPacker:
         if target.free == 0 or len(target.images) == self.max_images:
             self._close(target)
         return self._emit_ready()
+
+    def _fill_from_buffer(self) -> None:
+        """Close one sequence: the oldest example plus the buffered subset that best fills the rest."""
+        first = self._buffer.pop(0)
+        chosen = best_subset([im.num_tokens for im in self._buffer], self.seq_len - first.num_tokens,
+                             self.max_images - 1)
+        seq = _Sequence(self.seq_len)
+        seq.add(first)
+        for index in chosen:
+            seq.add(self._buffer[index])
+        for index in sorted(chosen, reverse=True):
+            del self._buffer[index]
+        self._closed.append(seq)
 
     def _emit_ready(self) -> list[PackedBatch]:
         out = []
@@ -162,6 +191,8 @@ class StreamingPacker:
 
     def flush(self) -> list[PackedBatch]:
         """Close every open sequence and return the rest, the last batch padded with empty sequences."""
+        while self._buffer:
+            self._fill_from_buffer()
         for seq in list(self._open):
             self._close(seq)
         out = self._emit_ready()
@@ -175,3 +206,35 @@ class StreamingPacker:
             yield from self.push(image)
         if flush:
             yield from self.flush()
+
+
+def best_subset(sizes: list[int], capacity: int, max_items: int) -> list[int]:
+    """Indices of a subset of `sizes` with the largest sum <= capacity and at most max_items items.
+
+    Exact subset-sum over a bitset (bit t of `reach[i]` says the first i sizes can sum to t), at
+    a cost of len(sizes) big-integer shifts. Earlier indices are preferred, so older examples
+    leave the buffer first. If the best subset holds too many items, a greedy largest-first fill
+    within max_items is used instead.
+    """
+    if capacity <= 0 or max_items <= 0 or not sizes:
+        return []
+    full = (1 << (capacity + 1)) - 1
+    reach = [1]
+    for n in sizes:
+        reach.append((reach[-1] | (reach[-1] << n)) & full)
+    target = reach[-1].bit_length() - 1
+    chosen: list[int] = []
+    for i in range(len(sizes), 0, -1):
+        if target == 0:
+            break
+        if not (reach[i - 1] >> target) & 1:
+            chosen.append(i - 1)
+            target -= sizes[i - 1]
+    if len(chosen) <= max_items:
+        return sorted(chosen)
+    greedy, free = [], capacity
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if sizes[i] <= free and len(greedy) < max_items:
+            greedy.append(i)
+            free -= sizes[i]
+    return sorted(greedy)

@@ -32,23 +32,65 @@ def fit_grid(width: int, height: int, patch_size: int, max_tokens: int, max_side
     return rows, cols
 
 
+RESOLUTION_MODES = ("native", "sampled", "side_uniform", "side_normal")
+
+
 @dataclass(frozen=True)
 class ResolutionPolicy:
-    """How a size is picked per image: `native` (up to max_tokens) or `sampled` (a budget drawn
-    uniformly from [min_tokens, max_tokens] per image, NaViT's resolution sampling)."""
+    """How a size is picked per image.
+
+    native: the native size, shrunk to fit max_tokens. sampled: a token budget drawn uniformly
+    from [min_tokens, max_tokens] per image. side_uniform / side_normal: NaViT's sampling of the
+    side length s (in patches, s*s tokens) between sqrt(min_tokens) and sqrt(max_tokens), uniform
+    or normal with mean `side_mean` and spread `side_std` (fractions of that range) truncated to
+    it; side_mean < 0.5 favours low resolutions. The aspect ratio is always kept and images are
+    never upscaled past their native size.
+
+    A per-step schedule: with `ramp_steps` > 0 the upper budget grows linearly from
+    `ramp_start_tokens` at step 0 to max_tokens at step `ramp_steps` (low resolution first).
+    """
 
     patch_size: int
     max_tokens: int
     max_side: int
     mode: str = "native"
     min_tokens: int = 1
+    side_mean: float = 0.5
+    side_std: float = 0.25
+    ramp_start_tokens: int = 0
+    ramp_steps: int = 0
 
-    def grid_for(self, width: int, height: int, rng: np.random.Generator | None = None) -> tuple[int, int]:
-        budget = self.max_tokens
+    def max_tokens_at(self, step: int) -> int:
+        if self.ramp_steps <= 0 or step >= self.ramp_steps or self.ramp_start_tokens <= 0:
+            return self.max_tokens
+        start = min(self.ramp_start_tokens, self.max_tokens)
+        return max(1, int(round(start + (self.max_tokens - start) * step / self.ramp_steps)))
+
+    def budget(self, rng: np.random.Generator | None, step: int = 0) -> int:
+        """The token budget of one image at training step `step`."""
+        top = self.max_tokens_at(step)
+        if self.mode == "native":
+            return top
+        if self.mode not in RESOLUTION_MODES:
+            raise ValueError(f"unknown resolution mode {self.mode!r} (one of {', '.join(RESOLUTION_MODES)})")
+        if rng is None:
+            raise ValueError(f"{self.mode} resolution needs a random generator")
+        low = min(self.min_tokens, top)
         if self.mode == "sampled":
-            if rng is None:
-                raise ValueError("sampled resolution needs a random generator")
-            budget = int(rng.integers(self.min_tokens, self.max_tokens + 1))
-        elif self.mode != "native":
-            raise ValueError(f"unknown resolution mode {self.mode!r} (native or sampled)")
-        return fit_grid(width, height, self.patch_size, budget, self.max_side)
+            return int(rng.integers(low, top + 1))
+        lo_side, hi_side = math.sqrt(low), math.sqrt(top)
+        if self.mode == "side_uniform":
+            u = float(rng.random())
+        else:
+            u = -1.0
+            for _ in range(64):  # rejection sampling of the truncated normal
+                u = float(rng.normal(self.side_mean, self.side_std))
+                if 0.0 <= u <= 1.0:
+                    break
+            u = min(1.0, max(0.0, u))
+        side = lo_side + u * (hi_side - lo_side)
+        return max(1, min(top, int(round(side * side))))
+
+    def grid_for(self, width: int, height: int, rng: np.random.Generator | None = None,
+                 step: int = 0) -> tuple[int, int]:
+        return fit_grid(width, height, self.patch_size, self.budget(rng, step), self.max_side)

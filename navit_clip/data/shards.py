@@ -14,7 +14,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import webdataset as wds
 from braceexpand import braceexpand
@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 TEXT_EXTENSIONS = ("txt", "caption")
+
+
+#: Reasons a sample is skipped, in the order training metrics report them ("other" takes the rest).
+SKIP_REASONS = ("unreadable_tar_member", "no_image", "no_caption", "undecodable_image", "image_too_large",
+                "image_too_small", "empty_image", "caption_not_utf8", "empty_caption", "bad_json", "other")
+
+
+def skip_counts(by_reason: dict[str, int]) -> list[int]:
+    """Counts in SKIP_REASONS order, unknown reasons summed into "other" (a fixed-length vector
+    that ranks can all-reduce)."""
+    counts = [int(by_reason.get(reason, 0)) for reason in SKIP_REASONS[:-1]]
+    return counts + [sum(n for reason, n in by_reason.items() if reason not in SKIP_REASONS[:-1])]
 
 
 class ShardError(ValueError):
@@ -36,6 +48,7 @@ class Sample:
     image: Image.Image  # RGB
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    native_size: tuple[int, int] | None = None  # (width, height) in the file, if decoded smaller
 
 
 @dataclass
@@ -51,25 +64,32 @@ class ReadStats:
 
 
 def _split_top_level_commas(spec: str) -> list[str]:
-    """Split a list of shard specs on commas that are not inside braces ({a,b} is brace syntax)."""
+    """Split a list of shard specs on commas (and the semicolons between sources) that are not
+    inside braces ({a,b} is brace syntax)."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(spec):
         depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
+        if ch in ",;" and depth == 0:
             parts.append(spec[start:i])
             start = i + 1
     parts.append(spec[start:])
     return parts
 
 
-def expand_shards(spec: str) -> list[str]:
-    """`dir/`, `a-{000..009}.tar`, globs and comma-separated lists -> a sorted list of shard paths."""
+def expand_shards(spec: str, allow_pipe: bool = False) -> list[str]:
+    """`dir/`, `a-{000..009}.tar`, globs and comma-separated lists -> a sorted list of shard paths.
+
+    `pipe:` URLs run a shell command, so they are refused unless `allow_pipe` is set.
+    """
     paths: list[str] = []
     for part in (p.strip() for p in _split_top_level_commas(spec) if p.strip()):
         if os.path.isdir(part):
             paths.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
             continue
         for item in braceexpand(part):
+            if item.startswith("pipe:") and not allow_pipe:
+                raise ShardError(f"shard {item!r} is a pipe: command; set data.allow_pipe=true to run shell "
+                                 "commands from shard specs")
             if "://" in item or item.startswith("pipe:"):
                 paths.append(item)  # remote shards: opened by webdataset's gopen when read
             elif any(ch in item for ch in "*?["):
@@ -127,8 +147,14 @@ class BadSample(ValueError):
     pass
 
 
-def decode_sample(raw: dict[str, Any], max_pixels: int) -> Sample:
-    """Decode one raw sample; raise BadSample with the reason if it cannot be used."""
+def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1,
+                  draft: Callable[[int, int], tuple[int, int]] | None = None) -> Sample:
+    """Decode one raw sample; raise BadSample with the reason if it cannot be used.
+
+    `draft(width, height)` may name the smallest size the image will be used at; a JPEG is then
+    decoded directly at a power-of-two reduction no smaller than that (libjpeg's DCT scaling),
+    several times faster than a full decode followed by a resize.
+    """
     key = raw.get("__key__", "?")
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if image_ext is None:
@@ -143,6 +169,10 @@ def decode_sample(raw: dict[str, Any], max_pixels: int) -> Sample:
             raise BadSample("image_too_large")
         if width < 1 or height < 1:
             raise BadSample("empty_image")
+        if width < min_side or height < min_side:
+            raise BadSample("image_too_small")
+        if draft is not None and image.format == "JPEG":
+            image.draft("RGB", draft(width, height))
         image = image.convert("RGB")  # forces the full decode here, inside the try
     except BadSample:
         raise
@@ -162,22 +192,62 @@ def decode_sample(raw: dict[str, Any], max_pixels: int) -> Sample:
             raise BadSample("bad_json") from exc
         if not isinstance(meta, dict):
             raise BadSample("bad_json")
-    return Sample(key=key, image=image, caption=caption, meta=meta)
+    native = (width, height) if image.size != (width, height) else None
+    return Sample(key=key, image=image, caption=caption, meta=meta, native_size=native)
 
 
-def read_samples(split: ShardSplit, stats: ReadStats, max_pixels: int = 64_000_000) -> Iterator[Sample]:
-    """Decoded samples of one reader's split, in shard order; bad samples are skipped and counted."""
+def read_samples(split: ShardSplit, stats: ReadStats, max_pixels: int = 64_000_000,
+                 min_side: int = 1, draft: Callable[[int, int], tuple[int, int]] | None = None) -> Iterator[Sample]:
+    """Decoded samples of one reader's split, in shard order; bad samples are skipped and counted.
+    Images with a side below `min_side` pixels (less than one patch) are skipped as too small."""
     for index, raw in enumerate(read_raw(split.shards, stats)):
         if index % split.stride != split.offset:
             continue
         try:
-            sample = decode_sample(raw, max_pixels)
+            sample = decode_sample(raw, max_pixels, min_side, draft)
         except BadSample as exc:
             stats.skipped[str(exc)] += 1
             log.warning("skipping sample %s in shard %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
             continue
         stats.decoded += 1
         yield sample
+
+
+def split_sources(spec: str) -> list[str]:
+    """`a-{0..9}.tar ; b/` -> one shard spec per source (sources are separated by semicolons)."""
+    sources = [part.strip() for part in spec.split(";") if part.strip()]
+    if not sources:
+        raise ShardError(f"shard spec {spec!r} names no source")
+    return sources
+
+
+def parse_weights(weights: str, num_sources: int) -> list[float]:
+    """`"0.7,0.3"` -> [0.7, 0.3]; empty -> equal weights. Raises ShardError naming the problem."""
+    if not weights.strip():
+        return [1.0] * num_sources
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError as exc:
+        raise ShardError(f"data.source_weights {weights!r} must be comma-separated numbers") from exc
+    if len(values) != num_sources:
+        raise ShardError(f"data.source_weights has {len(values)} weights for {num_sources} shard sources")
+    if any(v < 0 for v in values) or sum(values) <= 0:
+        raise ShardError(f"data.source_weights {weights!r} must be >= 0 with a positive sum")
+    return values
+
+
+def interleave(streams: list[Iterator[Sample]], weights: list[float], rng: Any) -> Iterator[Sample]:
+    """Draw the next sample from a source chosen by weight until every source is exhausted, so a
+    single pass still reads every sample of every source exactly once."""
+    active = [i for i, w in enumerate(weights) if w > 0]
+    while active:
+        probs = [weights[i] for i in active]
+        total = sum(probs)
+        pick = active[int(rng.choice(len(active), p=[p / total for p in probs]))] if len(active) > 1 else active[0]
+        try:
+            yield next(streams[pick])
+        except StopIteration:
+            active.remove(pick)
 
 
 def write_shards(samples: Iterable[dict[str, Any]], pattern: str, max_per_shard: int) -> list[str]:

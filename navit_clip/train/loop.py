@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from navit_clip import dist
 from navit_clip.config import Config, ConfigError, config_to_dict, resolve_path
-from navit_clip.data.loader import ResumableBatches, StreamSpec, make_loader
-from navit_clip.data.shards import expand_shards
+from navit_clip.data.loader import ResumableBatches, StreamSpec, extra_stream_fields, make_loader
+from navit_clip.data.shards import SKIP_REASONS, expand_shards, skip_counts
 from navit_clip.loss import contrastive_loss
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.train.checkpoint import (SafeCheckpointEngine, latest_tag, prune_checkpoints, step_tag, tag_step,
@@ -54,7 +54,7 @@ def train_stream_spec(cfg: Config) -> StreamSpec:
                       sequences_per_batch=d.sequences_per_batch, max_tokens=d.max_tokens_per_image,
                       min_tokens=d.min_tokens_per_image, resolution=d.resolution, open_sequences=d.open_sequences,
                       shuffle_buffer=d.shuffle_buffer, loop=True, seed=cfg.train.seed,
-                      max_image_pixels=d.max_image_pixels)
+                      max_image_pixels=d.max_image_pixels, **extra_stream_fields(cfg))
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -143,12 +143,14 @@ def train(cfg: Config) -> dict[str, Any]:
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=not dist.is_main(), desc="train", dynamic_ncols=True)
     loss_value, seen_images, skipped, tick = math.nan, 0, 0, time.perf_counter()
+    skipped_by_reason: dict[str, int] = {}
     stop = StopRequest()
     done, stopping, last_logged = start_step, 0.0, start_step
     for step in progress:
         batch = next(batches)
         counts = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum()),
-                               float(stop.requested)], dtype=torch.float64, device=device)  # nccl: on the GPU
+                               float(stop.requested), *skip_counts(batch.skipped_by_reason)],
+                              dtype=torch.float64, device=device)  # nccl: on the GPU
         out = engine(batch.to(device))
         loss = contrastive_loss(out["image"].float(), out["text"].float(), out["valid"], out["logit_scale"].float(),
                                 None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss,
@@ -157,7 +159,10 @@ def train(cfg: Config) -> dict[str, Any]:
         engine.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower optim.lr or check the data")
-        images, skipped_now, padded, stopping = dist.all_reduce_sum(counts).tolist()
+        images, skipped_now, padded, stopping, *reasons = dist.all_reduce_sum(counts).tolist()
+        for reason, n in zip(SKIP_REASONS, reasons):
+            if n:
+                skipped_by_reason[reason] = skipped_by_reason.get(reason, 0) + int(n)
         seen_images += int(images)
         skipped += int(skipped_now)
         loss_value = loss.item()
@@ -167,7 +172,7 @@ def train(cfg: Config) -> dict[str, Any]:
             tokens = dist.world_size() * batch.num_sequences * batch.seq_len
             metrics.log(step=done, world_size=dist.world_size(), loss=loss_value, lr=scheduler.get_last_lr()[0],
                         logit_scale=out["logit_scale"].item(), images_per_step=int(images),
-                        padding=padded / tokens, skipped_samples=skipped,
+                        padding=padded / tokens, skipped_samples=skipped, skipped_by_reason=skipped_by_reason,
                         sec_per_step=elapsed / (done - last_logged))
             last_logged = done
             progress.set_postfix(loss=f"{loss_value:.3f}", imgs=int(images), scale=f"{out['logit_scale'].item():.1f}")
@@ -221,7 +226,7 @@ def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
     """What determines the data stream, saved with each checkpoint. The shard paths may move;
     their number, the sizes, the packing, seeds, ranks and workers may not."""
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k != "shards"}
-    return {**identity, "num_shards": len(expand_shards(spec.shards)), "world_size": dist.world_size(),
+    return {**identity, "num_shards": len(expand_shards(spec.shards, spec.allow_pipe)), "world_size": dist.world_size(),
             "num_workers": cfg.data.num_workers}
 
 
