@@ -53,7 +53,7 @@ def test_files_and_config(trained_and_exported):
     _, path = trained_and_exported
     config = json.loads((path / "config.json").read_text())
     assert config["vision"]["patch_size"] == 4 and config["embed_dim"] == 24 and config["seq_len"] == 64
-    assert (path / "image_encoder.safetensors").stat().st_size > 0
+    assert (path / "model.safetensors").stat().st_size > 0
 
 
 def test_list_of_images_matches_training_model_in_input_order(trained_and_exported):
@@ -111,6 +111,6 @@ def test_bad_inputs_and_paths_are_named(trained_and_exported, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_image_encoder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format_version": 99}))
-    (tmp_path / "image_encoder.safetensors").write_bytes((trained_and_exported[1] / "image_encoder.safetensors").read_bytes())
+    (tmp_path / "model.safetensors").write_bytes((trained_and_exported[1] / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="format_version"):
         load_image_encoder(tmp_path)

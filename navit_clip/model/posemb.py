@@ -19,7 +19,7 @@ class FactorizedPosEmb(nn.Module):
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         """coords [..., 2] (row, col) -> [..., dim]."""
-        if coords.numel() and int(coords.max()) >= self.max_side:
+        if coords.numel() and not torch.compiler.is_compiling() and int(coords.max()) >= self.max_side:
             raise ValueError(f"patch coordinate {int(coords.max())} exceeds the position table "
                              f"(model.vision.max_grid_side={self.max_side})")
         return self.rows[coords[..., 0]] + self.cols[coords[..., 1]]
