@@ -198,3 +198,21 @@ def test_bad_inputs_are_named(towers, tmp_path, caplog):
         resolve_templates(None, open_dataset(str(wds), split="train"))
     with pytest.raises(ValueError, match="token budget 999"):
         classify(tw, dataset, ["{c}"], 999, progress=False)
+
+
+def test_zero_shot_from_the_export_alone_equals_the_training_model(towers, tmp_path):
+    from navit_clip.eval.towers import load_towers
+    from navit_clip.export import export_image_encoder
+
+    model, cfg, tw = towers
+    root = tmp_path / "folder"
+    for i, picture in enumerate(images()):
+        (root / CLASSES[i % 5]).mkdir(parents=True, exist_ok=True)
+        picture.save(root / CLASSES[i % 5] / f"{i}.png")
+    export = export_image_encoder(model, tmp_path / "export", max_tokens_per_image=24, seq_len=cfg.data.seq_len,
+                                  max_images=cfg.data.max_images, with_text=True)
+    dataset = open_dataset(str(root))
+    from_run = classify(tw, dataset, ["a photo of {c}."], BUDGET, progress=False)
+    from_export = classify(load_towers(export), dataset, ["a photo of {c}."], BUDGET, progress=False)
+    for key in ("acc1", "acc5", "mean_per_class_recall", "num_images"):
+        assert from_export[key] == pytest.approx(from_run[key])
