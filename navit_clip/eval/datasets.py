@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from braceexpand import braceexpand
 from PIL import Image
 
 from navit_clip.data.shards import IMAGE_EXTENSIONS, ReadStats, expand_shards, read_raw
@@ -217,9 +218,12 @@ def navit_shards(spec: str) -> EvalDataset:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     name = info.get("name", Path(shards[0]).parent.name)
     read = lambda stats: _shard_items(shards, stats)  # noqa: E731
+    # num_eval counts the images of the eval shards dataset.json names: a size for these shards only
+    eval_names = {Path(p).name for p in braceexpand(info.get("eval_shards", ""))}
+    size = info.get("num_eval") if {Path(p).name for p in shards} == eval_names else None
     if "class_names" in info:
         return EvalDataset(name=name, kind="classification", read=read, class_names=list(info["class_names"]),
-                           templates=list(info.get("templates") or []) or None, size=info.get("num_eval"))
+                           templates=list(info.get("templates") or []) or None, size=size)
     return EvalDataset(name=name, kind="retrieval", read=read)
 
 

@@ -78,8 +78,8 @@ def _plot(kind: str, rows: list[dict], path: Path, title: str) -> None:
                label="images/s (image tower)")
     speed.set_ylabel("images per second")
     handles = ax.get_legend_handles_labels()[0] + speed.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7, frameon=False)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
     plt.close(fig)
