@@ -41,7 +41,7 @@ def main() -> int:
                       shuffle_buffer=0, loop=False)
     program = export_program(encoder, num_sequences=cfg.eval.sequences_per_batch).module()
     worst_export = worst_program = 0.0
-    seen = 0
+    seen = traced_images = 0
     with torch.no_grad():
         for batch in itertools.takewhile(lambda _: seen < args.images, PackedStream(spec)):
             valid = batch.valid.flatten()
@@ -50,11 +50,13 @@ def main() -> int:
             if batch.num_sequences == cfg.eval.sequences_per_batch:
                 traced = program(batch.patches, batch.coords, batch.segment).flatten(0, 1)[valid]
                 worst_program = max(worst_program, float((traced - expected).abs().max()))
+                traced_images += int(valid.sum())
             seen += int(valid.sum())
     size = sum(p.stat().st_size for p in Path(args.export).glob("*.safetensors"))
     print(f"export {args.export} (step {step}): {size / 1e6:.2f} MB, loaded in {load_s:.2f} s")
-    print(f"{seen} evaluation images: max |exported - training| = {worst_export:.2e}, "
-          f"max |torch.export program - training| = {worst_program:.2e} (fp32, CPU)")
+    print(f"{seen} evaluation images: max |exported - training| = {worst_export:.2e} (fp32, {encoder.image_proj.weight.device})")
+    print(f"{traced_images} of them in full batches: max |torch.export program - training| = "
+          + (f"{worst_program:.2e}" if traced_images else "n/a (no full batch)"))
     return 0
 
 
