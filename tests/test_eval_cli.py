@@ -62,3 +62,32 @@ def test_sweep_from_export_on_csv(tmp_path):
     assert bad.returncode == 2 and "neither a training run" in bad.stderr, bad.stderr[-2000:]
     no_data = cli("eval", "--run", str(export))
     assert no_data.returncode == 2 and "--data" in no_data.stderr
+
+
+def test_run_dir_default_data_override_and_json(tmp_path, tiny_shards):
+    """A training run directory (checkpoint in DeepSpeed's file layout): its eval shards by default,
+    eval.max_tokens_per_image overrides the budget, RUN/eval/zeroshot.json in CLIP_benchmark's format."""
+    from navit_clip.config import Config, config_to_dict
+    from navit_clip.eval.run import run_eval
+
+    cfg = Config()
+    cfg.model = ModelConfig(vision=VisionConfig(patch_size=8, width=32, depth=1, heads=2, max_grid_side=32),
+                            text=TextConfig(width=32, depth=1, heads=2, context_length=16), embed_dim=16)
+    cfg.data.seq_len, cfg.data.max_images, cfg.data.max_tokens_per_image = 96, 5, 40
+    cfg.data.eval_shards = tiny_shards.spec
+    torch.manual_seed(0)
+    model = NaViTCLIP(cfg.validate().model)
+    (tiny_shards.directory / "dataset.json").write_text(json.dumps(
+        {"class_names": [f"class{i}" for i in range(7)], "templates": ["a photo of {}."]}))
+    ckpt = tmp_path / "run" / "checkpoints" / "step5"
+    ckpt.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "step": 5, "config": config_to_dict(cfg)},
+               ckpt / "mp_rank_00_model_states.pt")
+    (ckpt.parent / "latest").write_text("step5")
+
+    result = run_eval(tmp_path / "run", overrides=["eval.max_tokens_per_image=8"], progress=False)
+    record = json.loads((tmp_path / "run" / "eval" / "zeroshot.json").read_text())
+    assert record["task"] == "zeroshot_classification" and record["pretrained"].endswith("@step5")
+    assert record["details"]["max_tokens_per_image"] == 8 and record["details"]["num_images"] == tiny_shards.count
+    assert record["details"]["tokens_per_image"] <= 8
+    assert record["metrics"] == {k: result[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
