@@ -81,24 +81,18 @@ def _cmd_train(args: argparse.Namespace) -> dict:
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict:
-    import torch
+    from navit_clip.eval.run import run_eval
+    from navit_clip.eval.sweep import parse_budgets
 
-    from navit_clip.config import apply_overrides
-    from navit_clip.eval.zeroshot import evaluate, load_task
-    from navit_clip.train.checkpoint import load_trained_model
-
-    model, cfg, step = load_trained_model(args.run, args.tag)
-    apply_overrides(cfg, args.overrides)
-    shards = args.shards or cfg.data.eval_shards
-    task = load_task(shards, cfg.eval.templates)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"run": str(args.run), "step": step, "shards": shards, "templates": cfg.eval.templates,
-              **evaluate(model.to(device), task, cfg, device=device)}
-    out = Path(args.out or Path(args.run) / "eval" / "zeroshot.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"zero-shot on {result['num_images']} images ({result['num_classes']} classes, chance "
-          f"{result['chance_acc1']:.1%}): acc1 {result['acc1']:.1%}  acc5 {result['acc5']:.1%}  -> {out}")
+    budgets = getattr(args, "budgets", None)
+    result = run_eval(args.run, args.shards, tag=args.tag, task=getattr(args, "task", "auto"),
+                      templates=getattr(args, "templates", None), budgets=parse_budgets(budgets) if budgets else None,
+                      split=getattr(args, "split", "test"), classnames=getattr(args, "classnames", None),
+                      out=args.out, overrides=args.overrides)
+    for line in result["summary"]:
+        print(line)
+    for what, path in result["written"].items():
+        print(f"  {what:<8} -> {path}")
     return result
 
 
@@ -107,9 +101,20 @@ def _cmd_export(args: argparse.Namespace) -> dict:
     from navit_clip.train.checkpoint import load_trained_model
 
     model, cfg, step = load_trained_model(args.run, args.tag)
+    with_text = getattr(args, "with_text", False)
     out = export_image_encoder(model, args.out or Path(args.run) / "export", max_tokens_per_image=cfg.data.max_tokens_per_image,
-                               seq_len=cfg.data.seq_len, max_images=cfg.data.max_images)
-    print(f"exported the image encoder of step {step} to {out} (load with navit_clip.export.load_image_encoder)")
+                               seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, with_text=with_text)
+    what = "image and text encoders" if with_text else "image encoder"
+    print(f"exported the {what} of step {step} to {out} (load with navit_clip.export.load_image_encoder)")
+    sequences = getattr(args, "torch_export", 0)
+    if sequences:
+        import torch
+
+        from navit_clip.export import export_program, load_image_encoder
+
+        program = export_program(load_image_encoder(out), num_sequences=sequences)
+        torch.export.save(program, str(out / "image_encoder.pt2"))
+        print(f"torch.export program (packed input, {sequences} x {cfg.data.seq_len} tokens) -> {out / 'image_encoder.pt2'}")
     return {"export": str(out), "step": step}
 
 
@@ -145,11 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot classification of a training run's latest checkpoint")
-    p.add_argument("--run", required=True, help="training run directory (train.out_dir)")
+    p = sub.add_parser("eval", help="zero-shot classification or retrieval of a training run or an exported encoder")
+    p.add_argument("--run", required=True, help="training run directory (train.out_dir) or exported encoder directory")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    p.add_argument("--shards", default=None, help="evaluation shards (default: data.eval_shards)")
-    p.add_argument("--out", default=None, help="result JSON (default: RUN/eval/zeroshot.json)")
+    p.add_argument("--data", "--shards", dest="shards", default=None,
+                   help="shards (spec or folder), CLIP_benchmark wds root, image folder or path,caption CSV "
+                        "(default: data.eval_shards of the run)")
+    p.add_argument("--task", default="auto", choices=("auto", "classification", "retrieval"))
+    p.add_argument("--templates", default=None, help="dataset | imagenet | FILE (default: eval.templates)")
+    p.add_argument("--classnames", default=None, help="class names file for an image folder, one per line")
+    p.add_argument("--split", default="test", help="split folder of a CLIP_benchmark wds root")
+    p.add_argument("--budgets", default=None, help="token budgets per image to sweep, e.g. 16,32,64")
+    p.add_argument("--out", default=None, help="result JSON, or folder for a sweep (default: RUN/eval/...)")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. eval.max_tokens_per_image=32")
     p.set_defaults(func=_cmd_eval)
 
@@ -157,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--tag", default=None)
     p.add_argument("--out", default=None, help="default: RUN/export")
+    p.add_argument("--with-text", action="store_true", help="also export the text encoder (zero-shot from the export)")
+    p.add_argument("--torch-export", type=int, default=0, metavar="S",
+                   help="also write image_encoder.pt2: torch.export of the packed forward at S sequences")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("make-shards", help="WebDataset shards from images + captions, img2dataset output, "
@@ -194,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    # eval and export name bad inputs (a dataset layout, a model path) with ValueError too
+    expected = (ValueError, RuntimeError) if args.command in ("eval", "export") else (ConfigError, ShardError, InputError)
     try:
         args.func(args)
-    except (ConfigError, ShardError, InputError, FileNotFoundError) as exc:
+    except (*expected, FileNotFoundError) as exc:
         print(f"navit-clip {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

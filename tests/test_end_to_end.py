@@ -88,13 +88,15 @@ def test_train_resume_eval_export(digits, tmp_path):
     assert latest_tag(run / "checkpoints") == "step68"
 
     proc = cli("eval", "--run", str(run))
-    result = json.loads((run / "eval" / "zeroshot.json").read_text())
-    assert result["num_images"] == 100 and result["num_classes"] == 10 and result["step"] == 68
+    record = json.loads((run / "eval" / "zeroshot.json").read_text())  # CLIP_benchmark's format
+    result, details = record["metrics"], record["details"]
+    assert record["task"] == "zeroshot_classification" and record["language"] == "en"
+    assert details["num_images"] == 100 and details["num_classes"] == 10 and details["step"] == 68
     assert 0.0 <= result["acc1"] <= result["acc5"] <= 1.0
     assert "acc1" in proc.stdout
     # any token budget: evaluate the same checkpoint with half the tokens per image
     cli("eval", "--run", str(run), "--out", str(tmp_path / "small.json"), "eval.max_tokens_per_image=24")
-    assert json.loads((tmp_path / "small.json").read_text())["max_tokens_per_image"] == 24
+    assert json.loads((tmp_path / "small.json").read_text())["details"]["max_tokens_per_image"] == 24
 
     cli("export", "--run", str(run), "--out", str(tmp_path / "encoder"))
     from navit_clip.export import load_image_encoder

@@ -53,7 +53,7 @@ def test_files_and_config(trained_and_exported):
     _, path = trained_and_exported
     config = json.loads((path / "config.json").read_text())
     assert config["vision"]["patch_size"] == 4 and config["embed_dim"] == 24 and config["seq_len"] == 64
-    assert (path / "image_encoder.safetensors").stat().st_size > 0
+    assert (path / "model.safetensors").stat().st_size > 0
 
 
 def test_list_of_images_matches_training_model_in_input_order(trained_and_exported):
@@ -111,6 +111,113 @@ def test_bad_inputs_and_paths_are_named(trained_and_exported, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_image_encoder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format_version": 99}))
-    (tmp_path / "image_encoder.safetensors").write_bytes((trained_and_exported[1] / "image_encoder.safetensors").read_bytes())
+    (tmp_path / "model.safetensors").write_bytes((trained_and_exported[1] / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="format_version"):
         load_image_encoder(tmp_path)
+
+
+def test_fresh_process_gives_the_training_model_embeddings(trained_and_exported, tmp_path):
+    """A new interpreter that imports only the export module reproduces the training model's
+    embeddings (fp32, atol 1e-5), and never imports DeepSpeed or the training code."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    model, path = trained_and_exported
+    images = random_images(4)
+    save_file({f"img{i}": im.contiguous() for i, im in enumerate(images)}, str(tmp_path / "in.safetensors"))
+    script = f"""
+import sys, torch
+from safetensors.torch import load_file, save_file
+from navit_clip.export import load_image_encoder
+inputs = load_file({str(tmp_path / 'in.safetensors')!r})
+encoder = load_image_encoder({str(path)!r})
+with torch.no_grad():
+    emb = encoder([inputs[f"img{{i}}"] for i in range(len(inputs))])
+save_file({{"emb": emb}}, {str(tmp_path / 'out.safetensors')!r})
+leaked = [m for m in sys.modules if m.startswith(("deepspeed", "navit_clip.train"))]
+assert not leaked, leaked
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(tmp_path / "out.safetensors"))["emb"]
+    for i, image in enumerate(images):
+        torch.testing.assert_close(got[i], training_path_embedding(model, image), atol=1e-5, rtol=0)
+
+
+def test_text_encoder_export_matches_training_model(trained_and_exported, tmp_path):
+    from navit_clip.data.text import CaptionTokenizer
+    from navit_clip.export import load_text_encoder
+
+    model, path = trained_and_exported
+    with pytest.raises(ValueError, match="--with-text"):
+        load_text_encoder(path)
+    both = export_image_encoder(model, tmp_path / "both", max_tokens_per_image=40, seq_len=64, max_images=4,
+                                with_text=True)
+    config = json.loads((both / "config.json").read_text())
+    assert config["text"]["context_length"] == 8 and config["position_embedding"] == "FactorizedPosEmb"
+    assert config["normalization"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    tokens = torch.from_numpy(CaptionTokenizer(8)(["a red square", "two dogs", "x"]))
+    with torch.no_grad():
+        torch.testing.assert_close(load_text_encoder(both)(tokens), model.encode_text(tokens), atol=1e-6, rtol=0)
+        torch.testing.assert_close(load_image_encoder(both)(random_images()), load_image_encoder(path)(random_images()))
+
+
+def test_torch_export_program_equals_eager(trained_and_exported):
+    """The packed forward exported at fixed S, L, E_max gives eager's embeddings on a batch it was
+    not traced with (real images, real segments)."""
+    from navit_clip.export import export_program
+
+    encoder = load_image_encoder(trained_and_exported[1])
+    program = export_program(encoder, num_sequences=2)
+    small = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h * w))
+             for h, w in ((16, 16), (8, 24), (20, 12), (12, 12), (4, 28))]
+    batch = encoder.pack_images(small)
+    assert batch.num_sequences <= 2
+    pad = 2 - batch.num_sequences  # the program has a fixed S: add empty sequences
+    patches = torch.cat([batch.patches, batch.patches.new_zeros(pad, *batch.patches.shape[1:])])
+    coords = torch.cat([batch.coords, batch.coords.new_zeros(pad, *batch.coords.shape[1:])])
+    segment = torch.cat([batch.segment, batch.segment.new_full((pad, batch.seq_len), -1)])
+    with torch.no_grad():
+        out = program.module()(patches, coords, segment)
+        eager = encoder(batch)
+    assert out.shape == (2, 4, 24)
+    torch.testing.assert_close(out[: batch.num_sequences].flatten(0, 1)[batch.valid.flatten()], eager,
+                               atol=1e-5, rtol=0)
+
+
+def test_older_exports_still_load(trained_and_exported, tmp_path):
+    """Format 1 (image_encoder.safetensors) and a config written before some VisionConfig fields
+    existed: the missing fields take their defaults."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = trained_and_exported
+    config = json.loads((path / "config.json").read_text())
+    vision = {k: v for k, v in config["vision"].items() if k != "attention"}
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": 1, "vision": vision, "embed_dim": 24,
+                                                      "max_tokens_per_image": 40, "seq_len": 64, "max_images": 4}))
+    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items()}
+    save_file(tensors, str(tmp_path / "image_encoder.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(load_image_encoder(tmp_path)(random_images()),
+                                   load_image_encoder(path)(random_images()), atol=0, rtol=0)
+
+
+def test_wrong_model_paths_are_named(trained_and_exported, tmp_path):
+    from navit_clip.eval.towers import load_towers
+
+    with pytest.raises(FileNotFoundError, match="neither a training run"):
+        load_towers(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_towers(tmp_path / "nowhere")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_towers(tmp_path / "run")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_towers(tmp_path / "bad")
+    towers = load_towers(trained_and_exported[1])  # image tower only: zero-shot needs text
+    with pytest.raises(ValueError, match="no text encoder"):
+        towers.require_text()

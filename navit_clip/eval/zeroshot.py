@@ -1,5 +1,6 @@
-"""Zero-shot classification: class names × prompt templates -> text classifier; images are packed
-at the chosen token budget and scored against it. Reports top-1 and top-5 accuracy."""
+"""Zero-shot classification: class names × prompt templates -> text classifier (each class the
+normalized mean of its normalized prompt embeddings); images are packed at the chosen token
+budget and scored against it. Reports CLIP_benchmark's acc1, acc5 and mean per-class recall."""
 
 from __future__ import annotations
 
@@ -7,136 +8,130 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from navit_clip.config import Config
-from navit_clip.data.loader import to_patched
-from navit_clip.data.packing import StreamingPacker
-from navit_clip.data.resolution import ResolutionPolicy
-from navit_clip.data.shards import ReadStats, ShardSplit, expand_shards, read_samples
+from navit_clip.data.shards import expand_shards
 from navit_clip.data.text import CaptionTokenizer
-from navit_clip.model.clip import NaViTCLIP
+from navit_clip.eval.datasets import EvalDataset, navit_shards, read_lines
+from navit_clip.eval.embed import ImageEmbeddings, embed_images
+from navit_clip.eval.metrics import classification_metrics
+from navit_clip.eval.towers import Towers, from_training_model
 
 log = logging.getLogger(__name__)
 
 Template = str | Callable[[str], str]
 
 
+def resolve_templates(spec: str | None, dataset: EvalDataset) -> list[Template]:
+    """`dataset` (or None): the dataset's own prompts; `imagenet`: open_clip's 80 ImageNet
+    prompts; anything else: a file with one prompt per line, `{c}` or `{}` for the class name."""
+    if spec in (None, "", "dataset"):
+        if not dataset.templates:
+            raise ValueError(f"dataset {dataset.name} has no prompt templates; pass templates=imagenet "
+                             "or a file with one template per line")
+        return list(dataset.templates)
+    if spec == "imagenet":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return list(OPENAI_IMAGENET_TEMPLATES)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"template set {spec!r} is neither dataset, imagenet nor a file")
+    templates = read_lines(path)
+    if not templates:
+        raise ValueError(f"template file {path} is empty")
+    return templates
+
+
+def fill(template: Template, name: str) -> str:
+    return template(name) if callable(template) else template.format(name, c=name)
+
+
+@torch.no_grad()
+def text_classifier(model, class_names: Sequence[str], templates: Sequence[Template],
+                    device: torch.device | None = None) -> torch.Tensor:
+    """[C, D]: for each class, the normalized mean of its normalized prompt embeddings. `model` is
+    Towers or anything with `encode_text` and `cfg.text.context_length` (a NaViTCLIP)."""
+    if isinstance(model, Towers):
+        encode, context_length, device = model.require_text(), model.context_length, model.device
+    else:
+        encode, context_length = model.encode_text, model.cfg.text.context_length
+    tokenizer = CaptionTokenizer(context_length)
+    weights = []
+    for name in class_names:
+        tokens = torch.from_numpy(tokenizer([fill(t, name) for t in templates])).to(device)
+        mean = encode(tokens).float().mean(dim=0)
+        weights.append(mean / mean.norm())
+    return torch.stack(weights)
+
+
+def classify(towers: Towers, dataset: EvalDataset, templates: Sequence[Template], budget: int | None = None,
+             progress: bool = True, images: ImageEmbeddings | None = None) -> dict:
+    """Zero-shot classification metrics of `towers` on `dataset` at `budget` tokens per image
+    (pass `images` to reuse embeddings already computed at that budget)."""
+    if dataset.kind != "classification" or not dataset.class_names:
+        raise ValueError(f"dataset {dataset.name} is a {dataset.kind} dataset without class names")
+    classifier = text_classifier(towers, dataset.class_names, templates).cpu()
+    images = images or embed_images(towers, dataset, budget, progress=progress, desc="zero-shot")
+    num_classes = len(dataset.class_names)
+    keep, skipped = [], images.stats.skipped.copy()
+    for index, (key, label) in enumerate(zip(images.keys, images.labels)):
+        if isinstance(label, int) and 0 <= label < num_classes:
+            keep.append(index)
+            continue
+        reason = "no_label" if label is None else "label_out_of_range"
+        skipped[reason] += 1
+        log.warning("skipping eval sample %s: %s %r", key, reason, label)
+    if not keep:
+        raise RuntimeError(f"no labelled image in {dataset.name} (skipped: {dict(skipped)})")
+    target = torch.tensor([images.labels[i] for i in keep])
+    metrics = classification_metrics(images.emb[keep] @ classifier.T, target)
+    return {
+        "acc1": metrics["acc1"], "acc5": metrics["acc5"], "mean_per_class_recall": metrics["mean_per_class_recall"],
+        "num_images": len(keep), "num_classes": num_classes, "chance_acc1": 1 / num_classes,
+        "num_templates": len(templates), "max_tokens_per_image": images.budget,
+        "tokens_per_image": images.tokens_per_image, "images_per_second": images.images_per_second,
+        "padding": images.padding, "skipped_samples": dict(skipped),
+        "per_class_acc1": dict(zip(dataset.class_names, metrics["per_class_recall"])),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the training-side entry: shards with dataset.json, a NaViTCLIP and its Config
+# ---------------------------------------------------------------------------------------------
+
 @dataclass
 class ZeroShotTask:
     shards: str
     class_names: list[str]
     templates: list[Template]
-    label_key: str = "label"
     num_images: int | None = None  # for the progress bar, when known
 
 
 def load_task(shards: str, templates: str = "dataset") -> ZeroShotTask:
     """Class names (and the dataset's own templates) come from dataset.json beside the shards;
     `templates="imagenet"` uses open_clip's 80 ImageNet prompts instead."""
-    first = Path(expand_shards(shards)[0])
-    info_path = first.parent / "dataset.json"
+    info_path = Path(expand_shards(shards)[0]).parent / "dataset.json"
     if not info_path.exists():
         raise FileNotFoundError(f"zero-shot evaluation needs {info_path} with 'class_names' (and 'templates')")
     info = json.loads(info_path.read_text())
     if "class_names" not in info:
         raise ValueError(f"{info_path} has no 'class_names'")
-    if templates == "imagenet":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-        chosen: list[Template] = list(OPENAI_IMAGENET_TEMPLATES)
-    elif templates == "dataset":
-        if not info.get("templates"):
-            raise ValueError(f"{info_path} has no 'templates'; use eval.templates=imagenet")
-        chosen = list(info["templates"])
-    else:
+    if templates not in ("dataset", "imagenet"):
         raise ValueError(f"unknown template set {templates!r} (dataset or imagenet)")
-    return ZeroShotTask(shards=shards, class_names=list(info["class_names"]), templates=chosen,
-                        num_images=info.get("num_eval"))
+    dataset = navit_shards(shards)
+    return ZeroShotTask(shards=shards, class_names=list(info["class_names"]),
+                        templates=resolve_templates(templates, dataset), num_images=info.get("num_eval"))
 
 
-def _fill(template: Template, name: str) -> str:
-    return template(name) if callable(template) else template.format(name)
-
-
-@torch.no_grad()
-def text_classifier(model: NaViTCLIP, class_names: Sequence[str], templates: Sequence[Template],
-                    device: torch.device) -> torch.Tensor:
-    """[C, D]: for each class, the normalized mean of its normalized prompt embeddings."""
-    tokenizer = CaptionTokenizer(model.cfg.text.context_length)
-    weights = []
-    for name in class_names:
-        tokens = torch.from_numpy(tokenizer([_fill(t, name) for t in templates])).to(device)
-        mean = model.encode_text(tokens).mean(dim=0)
-        weights.append(mean / mean.norm())
-    return torch.stack(weights)
-
-
-def _labelled_images(task: ZeroShotTask, policy: ResolutionPolicy, text_len: int,
-                     labels: dict[str, int], stats: ReadStats) -> Iterator:
-    tokenizer = CaptionTokenizer(text_len)
-    num_classes = len(task.class_names)
-    for index, sample in enumerate(read_samples(ShardSplit(tuple(expand_shards(task.shards))), stats)):
-        label = sample.meta.get(task.label_key)
-        if not isinstance(label, int) or not 0 <= label < num_classes:
-            reason = "no_label" if label is None else "label_out_of_range"
-            stats.skipped[reason] += 1
-            log.warning("skipping eval sample %s: %s %r", sample.key, reason, label)
-            continue
-        image = to_patched(sample, policy, tokenizer, rng=None)
-        image.key = f"{index}/{sample.key}"  # sample keys may repeat across shards; this cannot
-        labels[image.key] = label
-        yield image
-
-
-@torch.no_grad()
-def evaluate(model: NaViTCLIP, task: ZeroShotTask, cfg: Config, device: torch.device | str = "cpu",
+def evaluate(model, task: ZeroShotTask, cfg: Config, device: torch.device | str = "cpu",
              max_tokens: int | None = None, progress: bool = True) -> dict:
-    """Zero-shot top-1/top-5 accuracy of `model` on `task` at a token budget per image."""
-    device = torch.device(device)
-    model.eval()
-    budget = max_tokens or cfg.eval.max_tokens_per_image or cfg.data.max_tokens_per_image
-    classifier = text_classifier(model, task.class_names, task.templates, device)
-    policy = ResolutionPolicy(patch_size=cfg.model.vision.patch_size, max_tokens=budget,
-                              max_side=cfg.model.vision.max_grid_side)
-    packer = StreamingPacker(seq_len=cfg.data.seq_len, max_images=cfg.data.max_images,
-                             sequences_per_batch=cfg.eval.sequences_per_batch, open_sequences=cfg.data.open_sequences)
-    labels: dict[str, int] = {}
-    stats = ReadStats()
-    k = min(5, len(task.class_names))
-    correct1 = correct5 = total = 0
-    per_class = np.zeros((len(task.class_names), 2), dtype=np.int64)  # [correct top-1, count]
-    images = _labelled_images(task, policy, cfg.model.text.context_length, labels, stats)
-    bar = tqdm(total=task.num_images, desc="zero-shot", unit="img", disable=not progress, dynamic_ncols=True)
-    for batch in packer.pack_stream(images, flush=True):
-        keys = [key for key in batch.flat_keys() if key is not None]
-        emb = model.encode_image_slots(batch.to(device))[batch.valid.flatten().to(device)]
-        target = torch.tensor([labels[key] for key in keys], device=device)
-        topk = (emb @ classifier.T).topk(k, dim=-1).indices
-        hit1 = topk[:, 0] == target
-        correct1 += int(hit1.sum())
-        correct5 += int((topk == target[:, None]).any(dim=-1).sum())
-        total += len(keys)
-        np.add.at(per_class, (target.cpu().numpy(), 0), hit1.cpu().numpy().astype(np.int64))
-        np.add.at(per_class, (target.cpu().numpy(), 1), 1)
-        bar.update(len(keys))
-    bar.close()
-    if total == 0:
-        raise RuntimeError(f"no labelled image in {task.shards} (skipped: {dict(stats.skipped)})")
-    return {
-        "acc1": correct1 / total,
-        "acc5": correct5 / total,
-        "num_images": total,
-        "num_classes": len(task.class_names),
-        "chance_acc1": 1 / len(task.class_names),
-        "num_templates": len(task.templates),
-        "max_tokens_per_image": budget,
-        "padding": packer.padding_fraction,
-        "skipped_samples": dict(stats.skipped),
-        "per_class_acc1": {name: float(c / n) if n else None
-                           for name, (c, n) in zip(task.class_names, per_class.tolist())},
-    }
+    """Zero-shot metrics of a NaViTCLIP on `task` at a token budget per image (default: the
+    eval budget of the config, else the training budget)."""
+    towers = from_training_model(model, cfg, device)
+    dataset = navit_shards(task.shards)
+    dataset.class_names, dataset.kind, dataset.size = list(task.class_names), "classification", task.num_images
+    return classify(towers, dataset, task.templates, max_tokens or cfg.eval.max_tokens_per_image or None, progress)

@@ -50,7 +50,7 @@ def positions(coords: torch.Tensor, sides: torch.Tensor | None, *, max_side: int
             side = sides.clamp(min=1).float()
             scale = torch.where(side > max_side, (max_side - 1) / (side - 1).clamp(min=1), torch.ones_like(side))
             return index * scale
-        if coords.numel() and int(coords.max()) >= max_side:
+        if coords.numel() and not torch.compiler.is_compiling() and int(coords.max()) >= max_side:
             raise ValueError(f"patch coordinate {int(coords.max())} exceeds the position table "
                              f"(model.vision.max_grid_side={max_side}); pass the image grids to resample it")
     return index
