@@ -103,7 +103,7 @@ def consolidated_state_dict(engine, stage: int) -> dict[str, torch.Tensor] | Non
     module = engine.module
     state = module.state_dict() if dist.is_main() or stage == 3 else None
     if stage == 3:
-        from deepspeed.zero import GatheredParameters
+        from deepspeed.runtime.zero import GatheredParameters
 
         for name, param in module.named_parameters():
             with GatheredParameters([param], modifier_rank=None):
@@ -173,9 +173,11 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
-    path = ckpt_dir / tag / "mp_rank_00_model_states.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} has no {path.name}")
+    # rank 0's DeepSpeed file carries the client state; ZeRO-3 names it per data-parallel rank
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    path = next((ckpt_dir / tag / n for n in names if (ckpt_dir / tag / n).exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} has neither {' nor '.join(names)}")
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         state = torch.load(path, map_location="cpu", weights_only=True)
     client = {k: state[k] for k in ("step", "data", "config") if k in state}
@@ -184,7 +186,7 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
         from safetensors.torch import load_file
 
         return load_file(str(model_file)), client
-    if state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
+    if path.name != names[0]:
         raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} is a ZeRO-3 checkpoint without {MODEL_FILE}")
     return state["module"], client
 
