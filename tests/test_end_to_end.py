@@ -17,7 +17,7 @@ import torch
 
 from navit_clip.data.digits import make_digit_shards
 from navit_clip.data.loader import PackedStream, StreamSpec
-from navit_clip.train.checkpoint import latest_tag, load_trained_model
+from navit_clip.train.checkpoint import latest_tag, load_model_state, load_trained_model
 from navit_clip.train.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -126,25 +126,41 @@ def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
         assert a[step] == pytest.approx(b[step], abs=1e-3), f"step {step}: {a[step]} vs {b[step]}"
 
 
-def test_hard_kill_resumes_from_last_complete_checkpoint(digits, tmp_path):
-    run = tmp_path / "run"
-    proc = start(*train_args(digits, run, steps=400, ckpt_every=5), stdout=subprocess.DEVNULL,
+def test_hard_kill_resumes_exactly(digits, tmp_path):
+    """SIGKILL mid-run (no chance to save), resume from the last complete checkpoint: every step's
+    loss, batch and parameters are bit-identical to an uninterrupted run's. Model, optimizer, LR
+    schedule, data position and random generators all come back."""
+    steps, exact = 40, ["train.log_every=1"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    proc = start(*train_args(digits, run, steps=steps, ckpt_every=3), *exact, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     try:
-        while time.time() < deadline and latest_tag(run / "checkpoints") in (None, "step5"):
-            time.sleep(0.5)
+        while time.time() < deadline and latest_tag(run / "checkpoints") in (None, "step3"):
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = latest_tag(run / "checkpoints")
-    assert killed_at is not None and killed_at != "step5", "training made no progress before the kill"
+    assert killed_at is not None and killed_at != "step3", "training made no progress before the kill"
+    killed_step = int(killed_at[4:])
+    assert killed_step < steps, "the run finished before it was killed; raise `steps`"
+    _, client = load_model_state(run / "checkpoints")
+    assert client["data"]["batches"] == killed_step  # the data position: one batch per step
     # a half-written checkpoint newer than `latest` must be ignored
     (run / "checkpoints" / "step999").mkdir()
-    out = cli(*train_args(digits, run, steps=int(killed_at[4:]) + 4, ckpt_every=100))
+    out = cli(*train_args(digits, run, steps=steps, ckpt_every=3), *exact)
     summary = json.loads(out.stdout[out.stdout.index("{"):])
-    assert summary["resumed_from"] == int(killed_at[4:])
-    assert latest_tag(run / "checkpoints") == f"step{int(killed_at[4:]) + 4}"
+    assert summary["resumed_from"] == killed_step
+    assert latest_tag(run / "checkpoints") == f"step{steps}"
+
+    cli(*train_args(digits, straight, steps=steps, ckpt_every=100), *exact)
+    a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")
+    # steps the killed run logged after its last checkpoint were dropped when it resumed
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        for key in ("loss", "lr", "logit_scale", "images_per_step", "padding", "param_checksums"):
+            assert x[key] == y[key], f"step {x['step']} {key}: uninterrupted {x[key]} vs killed+resumed {y[key]}"
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(digits, tmp_path):
