@@ -81,7 +81,8 @@ def test_train_resume_eval_export(digits, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step60", "step68"]
 
     # refusals that name the problem: reusing a run dir without resume, resuming a different stream
-    for extra, message in (["train.resume=false"], "train.resume=true"), (["data.max_images=12"], "max_images"):
+    for extra, message in ((["train.resume=false"], "train.resume=true"), (["--resume", "never"], "train.resume=true"),
+                           (["data.max_images=12"], "max_images")):
         bad = subprocess.run([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=72, ckpt_every=30),
                               *extra], capture_output=True, text=True, env=clean_env(), timeout=300)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]

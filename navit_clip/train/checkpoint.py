@@ -111,7 +111,8 @@ def consolidated_state_dict(engine, stage: int) -> dict[str, torch.Tensor] | Non
                     state[name] = param.detach().clone()
     if not dist.is_main():
         return None
-    return {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone() for k, v in state.items()}
+    return {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+            for k, v in state.items()}
 
 
 def save_model_file(engine, tag_dir: Path, stage: int) -> None:

@@ -181,8 +181,8 @@ def train(cfg: Config) -> dict[str, Any]:
             nonfinite += stats.nonfinite
             nonfinite_in_row = 0 if stats.applied else nonfinite_in_row + 1
             if nonfinite_in_row >= MAX_NONFINITE_IN_A_ROW:
-                raise FloatingPointError(f"the loss was non-finite {nonfinite_in_row} steps in a row (last: step {done}); "
-                                         "lower optim.lr or check the data")
+                raise FloatingPointError(f"the loss was non-finite {nonfinite_in_row} steps in a row "
+                                         f"(last: step {done}); lower optim.lr or check the data")
             if stats.applied:
                 loss_value = stats.loss
             real_tokens = stats.tokens - stats.padded_tokens
@@ -192,8 +192,8 @@ def train(cfg: Config) -> dict[str, Any]:
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or stopping:
                 checksums = param_checksums(engine.module, stage)
                 elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-                row = dict(step=done, world_size=dist.world_size(), loss=stats.loss if stats.applied else None, lr=scheduler.get_last_lr()[0],
-                           logit_scale=stats.logit_scale, images_per_step=stats.images,
+                row = dict(step=done, world_size=dist.world_size(), loss=stats.loss if stats.applied else None,
+                           lr=scheduler.get_last_lr()[0], logit_scale=stats.logit_scale, images_per_step=stats.images,
                            padding=stats.padded_tokens / max(1, stats.tokens), skipped_samples=skipped,
                            nonfinite_skipped=nonfinite, sec_per_step=elapsed / (done - last_logged),
                            images_per_s=window["images"] / elapsed, tokens_per_s=window["tokens"] / elapsed)
