@@ -45,13 +45,19 @@ def clean_env() -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", "MKL_CBWR": "COMPATIBLE"}
 
 
-def start(*args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "navit_clip", *args], env=clean_env(), text=True, **popen)
+# Bit-identical CPU runs also need one thread: with several, the order of some reductions in the
+# backward pass follows thread scheduling, and parameters of two identical runs differ by ~1e-12.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def start(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "navit_clip", *args], env={**clean_env(), **(env or {})}, text=True,
+                            **popen)
+
+
+def cli(*args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "navit_clip", *args], capture_output=True, text=True,
-                          timeout=timeout, env=clean_env())
+                          timeout=timeout, env={**clean_env(), **(env or {})})
     assert proc.returncode == 0, f"navit-clip {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -133,8 +139,8 @@ def test_hard_kill_resumes_exactly(digits, tmp_path):
     schedule, data position and random generators all come back."""
     steps, exact = 24, ["train.log_every=1"]
     straight, run = tmp_path / "straight", tmp_path / "run"
-    proc = start(*train_args(digits, run, steps=steps, ckpt_every=3), *exact, stdout=subprocess.DEVNULL,
-                 stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start(*train_args(digits, run, steps=steps, ckpt_every=3), *exact, env=ONE_THREAD,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     try:
         while time.time() < deadline and latest_tag(run / "checkpoints") in (None, "step3"):
@@ -150,12 +156,12 @@ def test_hard_kill_resumes_exactly(digits, tmp_path):
     assert client["data"]["batches"] == killed_step  # the data position: one batch per step
     # a half-written checkpoint newer than `latest` must be ignored
     (run / "checkpoints" / "step999").mkdir()
-    out = cli(*train_args(digits, run, steps=steps, ckpt_every=3), *exact)
+    out = cli(*train_args(digits, run, steps=steps, ckpt_every=3), *exact, env=ONE_THREAD)
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["resumed_from"] == killed_step
     assert latest_tag(run / "checkpoints") == f"step{steps}"
 
-    cli(*train_args(digits, straight, steps=steps, ckpt_every=100), *exact)
+    cli(*train_args(digits, straight, steps=steps, ckpt_every=100), *exact, env=ONE_THREAD)
     a, b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")
     # steps the killed run logged after its last checkpoint were dropped when it resumed
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, steps + 1))
