@@ -74,7 +74,10 @@ def _cmd_train(args: argparse.Namespace) -> dict:
     from navit_clip import dist
     from navit_clip.train.loop import train
 
-    summary = train(load_config(args.config, args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):  # --resume latest|never: train.resume, spelled as a flag
+        overrides.append(f"train.resume={args.resume == 'latest'}")
+    summary = train(load_config(args.config, overrides))
     if dist.is_main():
         print(json.dumps(summary, indent=2))
     return summary
@@ -147,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train under DeepSpeed (1 process, or N via the deepspeed launcher)")
     p.add_argument("--config", default=default_config)
+    p.add_argument("--resume", choices=["latest", "never"], default=None,
+                   help="latest: continue from the last complete checkpoint in train.out_dir (the default); "
+                        "never: refuse a train.out_dir that holds checkpoints")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(func=_cmd_train)
 

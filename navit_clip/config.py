@@ -128,6 +128,8 @@ class TrainConfig:
     deepspeed: str = "configs/deepspeed/cpu.json"
     precision: str = "fp32"  # fp32 | bf16
     resume: bool = True  # continue from the last complete checkpoint in out_dir if there is one
+    grad_accum_steps: int = 1  # micro-batches (each data.sequences_per_batch per rank) per optimizer step
+    peak_tflops: float = 0.0  # peak TFLOP/s of one device for the MFU estimate; 0 = do not report MFU
 
 
 @dataclass
@@ -187,6 +189,8 @@ class Config:
             ("eval.templates", self.eval.templates in {"dataset", "imagenet"}, "must be dataset or imagenet"),
             ("eval.max_tokens_per_image", 0 <= self.eval.max_tokens_per_image <= d.seq_len,
              "must be in [0, data.seq_len]"),
+            ("train.grad_accum_steps", self.train.grad_accum_steps >= 1, "must be >= 1"),
+            ("train.peak_tflops", self.train.peak_tflops >= 0, "must be >= 0"),
         ]
         for key, ok, why in checks:
             if not ok:

@@ -43,7 +43,10 @@ def launch(out: Path, shards: str, steps: int, deepspeed_json: Path) -> subproce
 
 
 def test_launch_scripts_parse():
-    for script in Path(__file__).resolve().parents[1].glob("launch/*.sh"):
+    scripts = sorted(Path(__file__).resolve().parents[1].glob("launch/*.sh"))
+    scripts += sorted(Path(__file__).resolve().parents[1].glob("launch/*.sbatch"))
+    assert len(scripts) >= 4
+    for script in scripts:
         subprocess.run(["bash", "-n", str(script)], check=True)
 
 

@@ -336,3 +336,10 @@ class ResumableBatches:
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now. They ignore SIGTERM (see _ignore_stop_signals), so a
+        worker still running when the interpreter exits would hang its exit forever."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

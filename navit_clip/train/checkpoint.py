@@ -1,14 +1,20 @@
 """DeepSpeed checkpoints that load with `weights_only=True`, the `latest` pointer, and pruning.
 
 `latest` is written by us, atomically, after a barrier that follows every rank's writes: a run
-that crashed mid-save resumes from the previous, complete checkpoint.
+that crashed mid-save resumes from the previous, complete checkpoint. Besides DeepSpeed's files a
+step directory holds `model.safetensors` (the full model, gathered even under ZeRO-3, for eval and
+export without DeepSpeed) and `rng_rank{R}.pt` (each rank's random generators).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -85,18 +91,104 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
     return removed
 
 
+MODEL_FILE = "model.safetensors"
+
+
+def consolidated_state_dict(engine, stage: int) -> dict[str, torch.Tensor] | None:
+    """The full model's weights (float32, on the CPU) on rank 0, None elsewhere. Under ZeRO-3 every
+    rank must call this: parameters are gathered one at a time, so no rank ever holds more than
+    one whole parameter beyond its own partition."""
+    from navit_clip import dist
+
+    module = engine.module
+    state = module.state_dict() if dist.is_main() or stage == 3 else None
+    if stage == 3:
+        from deepspeed.runtime.zero import GatheredParameters
+
+        for name, param in module.named_parameters():
+            with GatheredParameters([param], modifier_rank=None):
+                if dist.is_main():
+                    state[name] = param.detach().clone()
+    if not dist.is_main():
+        return None
+    return {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
+            for k, v in state.items()}
+
+
+def save_model_file(engine, tag_dir: Path, stage: int) -> None:
+    """Write tag_dir/model.safetensors from rank 0 (atomically: a temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    state = consolidated_state_dict(engine, stage)
+    if state is None:
+        return
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tag_dir / (MODEL_FILE + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, tag_dir / MODEL_FILE)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators as plain tensors and lists (loadable with weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng_state(tag_dir: Path, rank: int) -> None:
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tag_dir / f"rng_rank{rank}.pt.tmp"
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
+
+
+def load_rng_state(tag_dir: Path, rank: int) -> bool:
+    """Restore this rank's generators; False if the checkpoint has none for it (an older one)."""
+    path = tag_dir / f"rng_rank{rank}.pt"
+    if not path.exists():
+        return False
+    set_rng_state(torch.load(path, map_location="cpu", weights_only=True))
+    return True
+
+
 def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Model weights and client state (step, data position, config) of a DeepSpeed checkpoint
-    (ZeRO stage 0-2, where rank 0's file holds the full module), loaded with weights_only=True."""
+    """Model weights and client state (step, data position, config) of a checkpoint, loaded with
+    safetensors / weights_only=True. The weights come from model.safetensors (any ZeRO stage); a
+    checkpoint without it (written before that file existed) falls back to rank 0's DeepSpeed
+    file, which holds the full module for ZeRO stages 0-2 only."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
-    path = ckpt_dir / tag / "mp_rank_00_model_states.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} has no {path.name}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    # rank 0's DeepSpeed file carries the client state; ZeRO-3 names it per data-parallel rank
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    path = next((ckpt_dir / tag / n for n in names if (ckpt_dir / tag / n).exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} has neither {' nor '.join(names)}")
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     client = {k: state[k] for k in ("step", "data", "config") if k in state}
+    model_file = ckpt_dir / tag / MODEL_FILE
+    if model_file.exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(model_file)), client
+    if path.name != names[0]:
+        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} is a ZeRO-3 checkpoint without {MODEL_FILE}")
     return state["module"], client
 
 

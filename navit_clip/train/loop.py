@@ -11,9 +11,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +22,22 @@ import torch
 from tqdm import tqdm
 
 from navit_clip import dist
-from navit_clip.config import Config, ConfigError, config_to_dict, resolve_path
+from navit_clip.config import Config, ConfigError, config_to_dict
 from navit_clip.data.loader import ResumableBatches, StreamSpec, extra_stream_fields, make_loader
 from navit_clip.data.shards import SKIP_REASONS, expand_shards, skip_counts
 from navit_clip.loss import contrastive_loss
-from navit_clip.model.clip import NaViTCLIP
-from navit_clip.train.checkpoint import (SafeCheckpointEngine, latest_tag, prune_checkpoints, step_tag, tag_step,
-                                        write_latest)
-from navit_clip.train.metrics import JsonlLogger
-from navit_clip.train.schedule import warmup_cosine
+from navit_clip.train.checkpoint import (latest_tag, load_rng_state, prune_checkpoints, save_model_file,
+                                        save_rng_state, step_tag, tag_step, write_latest)
+from navit_clip.train.engine import (OWNED_DEEPSPEED_KEYS, build_engine, deepspeed_config,  # noqa: F401 - re-exported
+                                     param_checksum, param_groups, tower_sizes)
+from navit_clip.train.metrics import JsonlLogger, TensorBoardLogger, model_flops, plot_curves, truncate_jsonl
 
 log = logging.getLogger(__name__)
 
-# Batch geometry and precision come from our config; a DeepSpeed JSON that sets them is refused
-# rather than silently disagreeing with it.
-OWNED_DEEPSPEED_KEYS = {
-    "train_batch_size": "data.sequences_per_batch",
-    "train_micro_batch_size_per_gpu": "data.sequences_per_batch",
-    "gradient_accumulation_steps": "data.sequences_per_batch",
-    "gradient_clipping": "optim.grad_clip",
-    "bf16": "train.precision",
-    "fp16": "train.precision",
-    "optimizer": "optim.*",
-    "scheduler": "optim.*",
-}
+# Fault injection for tests: "STEP:RANK" makes the loss of that (1-based) step NaN on that rank.
+FAULT_ENV = "NAVIT_CLIP_FAULT_NONFINITE"
+# A run whose loss stays non-finite this many steps (or micro-batches) in a row is broken, not unlucky.
+MAX_NONFINITE_IN_A_ROW = 20
 
 
 def train_stream_spec(cfg: Config) -> StreamSpec:
@@ -57,52 +50,86 @@ def train_stream_spec(cfg: Config) -> StreamSpec:
                       max_image_pixels=d.max_image_pixels, **extra_stream_fields(cfg))
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    path = resolve_path(cfg.train.deepspeed)
-    if not path.exists():
-        raise ConfigError(f"config key train.deepspeed names {path}, which does not exist")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
-    for key, ours in OWNED_DEEPSPEED_KEYS.items():
-        if key in ds:
-            raise ConfigError(f"DeepSpeed config {path} sets {key!r}; set {ours} in the navit-clip config instead")
-    ds.update({
-        "train_micro_batch_size_per_gpu": cfg.data.sequences_per_batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-    })
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
+@dataclass
+class StepStats:
+    """One optimizer step, summed over its micro-batches and all ranks."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)
+    images: int = 0
+    skipped_samples: int = 0
+    skipped_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    padded_tokens: int = 0
+    tokens: int = 0
+    text_tokens: int = 0
+    nonfinite: int = 0
+    applied: bool = False
+    stop: bool = False
+    logit_scale: float = math.nan
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else math.nan
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; leave biases, norms, the temperature and the pooling query alone."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
+def fault_step(rank: int) -> int | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    step, fault_rank = (int(x) for x in spec.split(":"))
+    return step if fault_rank == rank else None
+
+
+def train_step(engine, batches: ResumableBatches, cfg: Config, stop: "StopRequest", step: int,
+               poison_step: int | None) -> StepStats:
+    """Forward, backward and optimizer step over train.grad_accum_steps micro-batches.
+
+    NaN/Inf guard: the loss's finiteness travels in the per-micro-batch all-reduce, so every rank
+    drops a non-finite micro-batch before its backward, together. Without accumulation the step is
+    skipped (weights, optimizer state and LR schedule unchanged); with it, the next micro-batch
+    takes the dropped one's place so that DeepSpeed's accumulation boundary stays in step."""
+    gas, stats, bad_in_row = cfg.train.grad_accum_steps, StepStats(), 0
+    device = engine.device
+    while len(stats.losses) < gas:
+        batch = next(batches)
+        out = engine(batch.to(device))
+        loss = contrastive_loss(out["image"].float(), out["text"].float(), out["valid"], out["logit_scale"].float(),
+                                None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss,
+                                chunk_size=cfg.model.loss_chunk_size, max_logit_scale=math.exp(cfg.model.max_logit_scale))
+        if poison_step == step + 1 and not stats.nonfinite:
+            loss = loss * math.nan
+        slots = batch.num_sequences * batch.seq_len
+        counts = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum()), slots,
+                               batch.num_images * batch.text.shape[-1], float(stop.requested),
+                               float(not torch.isfinite(loss)), *skip_counts(batch.skipped_by_reason)],
+                              dtype=torch.float64, device=device)  # nccl: on the GPU
+        images, skipped, padded, tokens, text_tokens, stopping, bad, *reasons = dist.all_reduce_sum(counts).tolist()
+        for reason, n in zip(SKIP_REASONS, reasons):
+            if n:
+                stats.skipped_by_reason[reason] = stats.skipped_by_reason.get(reason, 0) + int(n)
+        stats.images += int(images)
+        stats.skipped_samples += int(skipped)
+        stats.padded_tokens += int(padded)
+        stats.tokens += int(tokens)
+        stats.text_tokens += int(text_tokens)
+        stats.stop = stats.stop or bool(stopping)
+        stats.logit_scale = out["logit_scale"].item()
+        if bad:
+            stats.nonfinite += 1
+            log.warning("non-finite loss at step %d on %d rank(s): batch dropped on every rank%s", step + 1, int(bad),
+                        "" if gas > 1 else ", optimizer step skipped")
+            if gas == 1:
+                return stats
+            bad_in_row += 1
+            if bad_in_row >= MAX_NONFINITE_IN_A_ROW:
+                raise FloatingPointError(f"{bad_in_row} non-finite micro-batches in a row at step {step + 1}; "
+                                         "lower optim.lr or check the data")
             continue
-        (decay if param.ndim >= 2 and "query" not in name else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_engine(cfg: Config):
-    """-> (engine, optimizer, scheduler) for NaViTCLIP under DeepSpeed."""
-    import deepspeed
-
-    torch.manual_seed(cfg.train.seed)
-    model = NaViTCLIP(cfg.model)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    schedule = partial(warmup_cosine, total_steps=cfg.train.steps, warmup_steps=o.warmup_steps,
-                       min_ratio=o.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=deepspeed_config(cfg))
-    engine.checkpoint_engine = SafeCheckpointEngine(config_params=engine._config)
-    return engine, optimizer, scheduler
+        bad_in_row = 0
+        engine.backward(loss)
+        engine.step()
+        stats.losses.append(loss.item())
+    stats.applied = True
+    return stats
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -112,7 +139,7 @@ def train(cfg: Config) -> dict[str, Any]:
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     engine, _, scheduler = build_engine(cfg)
-    device = engine.device
+    stage = engine.zero_optimization_stage()
 
     # Rank 0 decides whether and where to resume, so that ranks never disagree (a node that
     # cannot see train.out_dir then fails to load instead of silently starting from step 0).
@@ -132,61 +159,88 @@ def train(cfg: Config) -> dict[str, Any]:
             raise RuntimeError(f"could not load checkpoint {step_tag(found_step)} from {ckpt_dir}")
         start_step, data_state = int(client["step"]), client["data"]
         check_same_stream(data_state.get("stream"), stream_id)
+        load_rng_state(ckpt_dir / step_tag(found_step), dist.rank())
         log.info("resumed from %s at step %d", path, start_step)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        truncate_jsonl(out_dir / "metrics.jsonl", start_step)
     metrics = JsonlLogger(out_dir / "metrics.jsonl", enabled=dist.is_main())
+    board = TensorBoardLogger(out_dir / "tensorboard", enabled=dist.is_main())
+    sizes = tower_sizes(engine.module)
+    poison_step = fault_step(dist.rank())
 
     batches = ResumableBatches(make_loader(stream_spec, rank=dist.rank(), world=dist.world_size(),
                                            num_workers=cfg.data.num_workers), data_state)
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=not dist.is_main(), desc="train", dynamic_ncols=True)
-    loss_value, seen_images, skipped, tick = math.nan, 0, 0, time.perf_counter()
+    loss_value, seen_images, skipped, nonfinite, nonfinite_in_row = math.nan, 0, 0, 0, 0
     skipped_by_reason: dict[str, int] = {}
+    window = {"images": 0, "tokens": 0, "flops": 0.0}
     stop = StopRequest()
-    done, stopping, last_logged = start_step, 0.0, start_step
-    for step in progress:
-        batch = next(batches)
-        counts = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum()),
-                               float(stop.requested), *skip_counts(batch.skipped_by_reason)],
-                              dtype=torch.float64, device=device)  # nccl: on the GPU
-        out = engine(batch.to(device))
-        loss = contrastive_loss(out["image"].float(), out["text"].float(), out["valid"], out["logit_scale"].float(),
-                                None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss,
-                                chunk_size=cfg.model.loss_chunk_size, max_logit_scale=math.exp(cfg.model.max_logit_scale))
-        engine.backward(loss)
-        engine.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower optim.lr or check the data")
-        images, skipped_now, padded, stopping, *reasons = dist.all_reduce_sum(counts).tolist()
-        for reason, n in zip(SKIP_REASONS, reasons):
-            if n:
-                skipped_by_reason[reason] = skipped_by_reason.get(reason, 0) + int(n)
-        seen_images += int(images)
-        skipped += int(skipped_now)
-        loss_value = loss.item()
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps or stopping:
-            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            tokens = dist.world_size() * batch.num_sequences * batch.seq_len
-            metrics.log(step=done, world_size=dist.world_size(), loss=loss_value, lr=scheduler.get_last_lr()[0],
-                        logit_scale=out["logit_scale"].item(), images_per_step=int(images),
-                        padding=padded / tokens, skipped_samples=skipped, skipped_by_reason=skipped_by_reason,
-                        sec_per_step=elapsed / (done - last_logged))
-            last_logged = done
-            progress.set_postfix(loss=f"{loss_value:.3f}", imgs=int(images), scale=f"{out['logit_scale'].item():.1f}")
-        if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps or stopping:
-            save_checkpoint(engine, ckpt_dir, done, {**batches.state_dict(), "stream": stream_id}, cfg)
-        if stopping:
-            log.warning("stop requested (SIGTERM/SIGINT): saved step %d to %s, exiting", done, ckpt_dir)
-            break
+    done, stopping, last_logged, tick = start_step, False, start_step, time.perf_counter()
+    try:
+        for step in progress:
+            stats = train_step(engine, batches, cfg, stop, step, poison_step)
+            stopping, done = stats.stop, step + 1
+            seen_images += stats.images
+            skipped += stats.skipped_samples
+            for reason, n in stats.skipped_by_reason.items():
+                skipped_by_reason[reason] = skipped_by_reason.get(reason, 0) + n
+            nonfinite += stats.nonfinite
+            nonfinite_in_row = 0 if stats.applied else nonfinite_in_row + 1
+            if nonfinite_in_row >= MAX_NONFINITE_IN_A_ROW:
+                raise FloatingPointError(f"the loss was non-finite {nonfinite_in_row} steps in a row "
+                                         f"(last: step {done}); lower optim.lr or check the data")
+            if stats.applied:
+                loss_value = stats.loss
+            real_tokens = stats.tokens - stats.padded_tokens
+            window["images"] += stats.images
+            window["tokens"] += real_tokens
+            window["flops"] += model_flops(sizes, real_tokens, stats.text_tokens)
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or stopping:
+                checksums = param_checksums(engine.module, stage)
+                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                row = dict(step=done, world_size=dist.world_size(), loss=stats.loss if stats.applied else None,
+                           lr=scheduler.get_last_lr()[0], logit_scale=stats.logit_scale, images_per_step=stats.images,
+                           padding=stats.padded_tokens / max(1, stats.tokens), skipped_samples=skipped,
+                           skipped_by_reason=dict(skipped_by_reason),
+                           nonfinite_skipped=nonfinite, sec_per_step=elapsed / (done - last_logged),
+                           images_per_s=window["images"] / elapsed, tokens_per_s=window["tokens"] / elapsed)
+                if cfg.train.peak_tflops > 0:
+                    row["mfu"] = window["flops"] / (elapsed * dist.world_size() * cfg.train.peak_tflops * 1e12)
+                metrics.log(**row, param_checksums=checksums)
+                board.log(done, row)
+                window = {"images": 0, "tokens": 0, "flops": 0.0}
+                last_logged = done
+                progress.set_postfix(loss=f"{stats.loss:.3f}", imgs=stats.images, scale=f"{stats.logit_scale:.1f}")
+            if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps or stopping:
+                saving = time.perf_counter()
+                save_checkpoint(engine, ckpt_dir, done, {**batches.state_dict(), "stream": stream_id}, cfg, stage)
+                if dist.is_main():
+                    plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+                tick += time.perf_counter() - saving  # throughput counts training, not saving
+            if stopping:
+                log.warning("stop requested (SIGTERM/SIGINT): saved step %d to %s, exiting", done, ckpt_dir)
+                break
+    finally:
+        batches.close()
     progress.close()
+    board.close()
     stop.restore()
     return {"steps": done if stopping else cfg.train.steps, "stopped_early": bool(stopping),
             "resumed_from": start_step, "final_loss": loss_value,
-            "images_seen": seen_images, "skipped_samples": skipped, "out_dir": str(out_dir),
-            "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or ""))}
+            "images_seen": seen_images, "skipped_samples": skipped, "nonfinite_skipped": nonfinite,
+            "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or ""))}
+
+
+def param_checksums(module: torch.nn.Module, stage: int) -> list[list[float]] | None:
+    """Every rank's parameter checksum (rank order), for checking that the replicas agree; None
+    under ZeRO-3, where no rank holds the whole model."""
+    if stage == 3:
+        return None
+    local = param_checksum(module).unsqueeze(0)
+    return dist.all_gather_no_grad(local).tolist()
 
 
 class StopRequest:
@@ -211,10 +265,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, data_state: dict, cfg: Config) -> None:
+def save_checkpoint(engine, ckpt_dir: Path, step: int, data_state: dict, cfg: Config, stage: int) -> None:
     tag = step_tag(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                            client_state={"step": step, "data": data_state, "config": config_to_dict(cfg)})
+    save_model_file(engine, ckpt_dir / tag, stage)  # a collective under ZeRO-3
+    save_rng_state(ckpt_dir / tag, dist.rank())
     dist.barrier()  # every rank's files are written before `latest` may name them
     if dist.is_main():
         write_latest(ckpt_dir, tag)
