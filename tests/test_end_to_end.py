@@ -119,22 +119,6 @@ def test_train_resume_eval_export(digits, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_resume_reproduces_an_uninterrupted_run(digits, tmp_path):
-    """Stopping at step 12 and resuming gives the same losses as never stopping: model, optimizer,
-    LR schedule and data position all come back from the checkpoint."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    cli(*train_args(digits, straight, steps=24, ckpt_every=12))
-    cli(*train_args(digits, split, steps=12, ckpt_every=12))
-    cli(*train_args(digits, split, steps=24, ckpt_every=12))
-    a = {r["step"]: r["loss"] for r in read_jsonl(straight / "metrics.jsonl")}
-    b = {r["step"]: r["loss"] for r in read_jsonl(split / "metrics.jsonl")}
-    assert a.keys() == b.keys()
-    for step in a:
-        # 1e-3 leaves room for float noise; replaying the wrong batches, a reset optimizer or LR
-        # schedule moves the loss by far more than that
-        assert a[step] == pytest.approx(b[step], abs=1e-3), f"step {step}: {a[step]} vs {b[step]}"
-
-
 def test_hard_kill_resumes_exactly(digits, tmp_path):
     """SIGKILL mid-run (no chance to save), resume from the last complete checkpoint: every step's
     loss, batch and parameters are bit-identical to an uninterrupted run's. Model, optimizer, LR
