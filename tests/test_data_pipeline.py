@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import socket
 import struct
-import tarfile
-import time
 import zlib
 from collections import Counter
 from dataclasses import replace
@@ -25,6 +22,7 @@ from navit_clip.data.loader import PackedStream, StreamSpec, make_loader
 from navit_clip.data.shards import SKIP_REASONS, ShardError, expand_shards, skip_counts
 
 from conftest import write_tar
+from processes import free_port, spawn_and_wait
 
 
 def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
@@ -195,11 +193,6 @@ def test_dropping_in_stream_keeps_grid_and_true_coords(tiny_shards):
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _rank_worker(rank: int, port: int, shards: str, out: str, steps: int) -> None:
     import torch.distributed as tdist
@@ -223,21 +216,11 @@ def _rank_worker(rank: int, port: int, shards: str, out: str, steps: int) -> Non
 
 
 def test_ranks_never_wait_on_each_other(bad_shard_set, tiny_shards, tmp_path):
-    import torch.multiprocessing as mp
-
     shards, _ = bad_shard_set
     uneven = f"{shards},{','.join(tiny_shards.paths[:3])}"
     steps = 25  # several epochs of the smaller rank's share
-    ctx = mp.spawn(_rank_worker, args=(_free_port(), uneven, str(tmp_path), steps), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("a rank waited: the ranks did not finish their steps in time")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    spawn_and_wait(_rank_worker, (free_port(), uneven, str(tmp_path), steps), WORLD, 240,
+                   "a rank waited: the ranks' steps")
     for rank in range(WORLD):
         images = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["images"]
         assert len(images) == steps and min(images) >= 1

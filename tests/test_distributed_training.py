@@ -10,7 +10,6 @@ dominates the cost) and the tests read their metrics and checkpoints.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from navit_clip.data.digits import make_digit_shards
 from navit_clip.train.checkpoint import latest_tag, load_model_state, load_trained_model
 from navit_clip.train.metrics import read_jsonl
+from processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,6 @@ TINY = [
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 LAUNCH_TIMEOUT = 600
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launcher_env(**extra: str) -> dict[str, str]:

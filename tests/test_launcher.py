@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from navit_clip.data.digits import make_digit_shards
 from navit_clip.train.checkpoint import latest_tag, load_trained_model
 from navit_clip.train.metrics import read_jsonl
+from processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +23,6 @@ TINY = [
     "data.num_workers=1", "optim.warmup_steps=2", "train.log_every=1",
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(out: Path, shards: str, steps: int, deepspeed_json: Path) -> subprocess.CompletedProcess:

@@ -6,8 +6,6 @@ This is the check that gradients are neither averaged twice nor left summed (ope
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from navit_clip.loss import contrastive_loss, reference_contrastive_loss
+
+from processes import free_port, spawn_and_wait
 
 pytestmark = pytest.mark.slow
 
@@ -72,27 +72,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("loss_ds")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 400  # the first DeepSpeed start may compile its CPU comm op
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("DeepSpeed loss workers did not finish within 400 s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    # the first DeepSpeed start may compile its CPU comm op
+    spawn_and_wait(_worker, (free_port(), str(out)), WORLD, 400, "DeepSpeed loss workers")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

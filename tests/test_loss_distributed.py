@@ -17,8 +17,6 @@ bias gradients are dL/ds and dL/db on every rank.
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from navit_clip.loss import contrastive_loss, reference_contrastive_loss
+
+from processes import free_port, spawn_and_wait
 
 N = 7  # slots per rank
 D = 6
@@ -141,25 +141,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         tdist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run_world(world: int, out: Path) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=False)
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} loss workers did not finish within 240 s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
+    spawn_and_wait(_worker, (world, free_port(), str(out)), world, 300, f"{world} loss workers")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

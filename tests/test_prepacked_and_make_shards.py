@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pickle
 import tarfile
 from dataclasses import replace
 from pathlib import Path
