@@ -68,6 +68,11 @@ def init_distributed() -> None:
                                auto_mpi_discovery=False)
 
 
+def _collective_device() -> torch.device:
+    """Where small collective tensors must live: nccl only moves GPU tensors."""
+    return device() if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
@@ -77,7 +82,7 @@ def broadcast_int(value: int, src: int = 0) -> int:
     """Rank src's value on every rank."""
     if not is_initialized() or world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.broadcast(t, src=src)
     return int(t.item())
 
@@ -127,8 +132,7 @@ def all_gather_ints(value: int) -> list[int]:
     """Every rank's integer, in rank order (e.g. each rank's number of valid slots)."""
     if not is_initialized() or world_size() == 1:
         return [value]
-    backend_device = device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    return all_gather_no_grad(torch.tensor([value], dtype=torch.int64, device=backend_device)).tolist()
+    return all_gather_no_grad(torch.tensor([value], dtype=torch.int64, device=_collective_device())).tolist()
 
 
 class RingTransfer:

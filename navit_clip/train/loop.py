@@ -92,9 +92,10 @@ def train_step(engine, batches: ResumableBatches, cfg: Config, stop: "StopReques
     while len(stats.losses) < gas:
         batch = next(batches)
         out = engine(batch.to(device))
-        loss = contrastive_loss(out["image"].float(), out["text"].float(), out["valid"], out["logit_scale"].float(),
-                                None if "logit_bias" not in out else out["logit_bias"].float(), kind=cfg.model.loss,
-                                chunk_size=cfg.model.loss_chunk_size, max_logit_scale=math.exp(cfg.model.max_logit_scale))
+        # the loss computes in fp32 whatever the towers' dtype, and returns gradients in that dtype
+        loss = contrastive_loss(out["image"], out["text"], out["valid"], out["logit_scale"], out.get("logit_bias"),
+                                kind=cfg.model.loss, chunk_size=cfg.model.loss_chunk_size,
+                                max_logit_scale=math.exp(cfg.model.max_logit_scale))
         if poison_step == step + 1 and not stats.nonfinite:
             loss = loss * math.nan
         slots = batch.num_sequences * batch.seq_len
