@@ -15,7 +15,6 @@ shared and noisy.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import os
 import statistics
@@ -33,11 +32,8 @@ from navit_clip.data.packing import PatchedImage, StreamingPacker
 from navit_clip.data.prepacked import write_packed_shards
 from navit_clip.data.resolution import ResolutionPolicy, fit_grid
 from navit_clip.data.shards import write_shards
+from size_csv import read_sizes
 
-
-def read_sizes(path: str) -> list[tuple[int, int]]:
-    with open(path) as f:
-        return [(int(r["width"]), int(r["height"])) for r in csv.DictReader(f)]
 
 
 def padding_of(tokens: list[tuple[int, int, int]], seq_len: int, max_images: int, buffer: int,

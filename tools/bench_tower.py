@@ -17,7 +17,6 @@ shared machine hits every variant alike.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from typing import Callable
@@ -32,14 +31,8 @@ from navit_clip.data.packing import PatchedImage, StreamingPacker, to_packed_bat
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.model.attention import get_attend
 from navit_clip.model.navit import NaViT
+from size_csv import read_sizes
 
-
-def read_sizes(path: str) -> list[tuple[int, int]]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "width" not in rows[0] or "height" not in rows[0]:
-        raise SystemExit(f"{path} must be a CSV with columns width,height")
-    return [(int(r["width"]), int(r["height"])) for r in rows]
 
 
 def draw_images(args: argparse.Namespace, patch: int) -> tuple[PackedBatch, list[PatchedImage]]:

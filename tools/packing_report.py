@@ -7,20 +7,13 @@ padded sequence (what non-packing NaFlex-style towers do at the same token budge
 from __future__ import annotations
 
 import argparse
-import csv
 
 import numpy as np
 
 from navit_clip.data.packing import PatchedImage, StreamingPacker
 from navit_clip.data.resolution import ResolutionPolicy
+from size_csv import read_sizes
 
-
-def read_sizes(path: str) -> list[tuple[int, int]]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "width" not in rows[0] or "height" not in rows[0]:
-        raise SystemExit(f"{path} must be a CSV with columns width,height")
-    return [(int(r["width"]), int(r["height"])) for r in rows]
 
 
 def main() -> None:
