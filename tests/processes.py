@@ -1,4 +1,5 @@
-"""Helpers for tests that start real processes: a free port, and a spawn that cannot hang."""
+"""Helpers for tests that start real processes: a free port, a spawn that cannot hang, and the
+overrides of a training run small enough to start several times per test."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import time
 from typing import Callable
 
 import pytest
+
+#: a tiny model and batch for `navit-clip train` subprocesses (each test adds its warmup and steps)
+TINY_TRAIN = [
+    "model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
+    "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
+    "data.seq_len=96", "data.max_images=6", "data.sequences_per_batch=2", "data.max_tokens_per_image=32",
+    "data.num_workers=1", "train.log_every=1",
+]
 
 
 def free_port() -> int:

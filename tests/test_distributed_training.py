@@ -20,18 +20,12 @@ import torch
 from navit_clip.data.digits import make_digit_shards
 from navit_clip.train.checkpoint import latest_tag, load_model_state, load_trained_model
 from navit_clip.train.metrics import read_jsonl
-from processes import free_port
+from processes import TINY_TRAIN, free_port
 
 pytestmark = pytest.mark.slow
 
 STEPS = 3
-TINY = [
-    "model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-    "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
-    "data.seq_len=96", "data.max_images=6", "data.sequences_per_batch=2", "data.max_tokens_per_image=32",
-    "data.num_workers=1", "optim.warmup_steps=2", "train.log_every=1", f"train.steps={STEPS}",
-    f"train.ckpt_every={STEPS}",
-]
+TINY = [*TINY_TRAIN, "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.ckpt_every={STEPS}"]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 LAUNCH_TIMEOUT = 600
 

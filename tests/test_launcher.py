@@ -12,17 +12,11 @@ import pytest
 from navit_clip.data.digits import make_digit_shards
 from navit_clip.train.checkpoint import latest_tag, load_trained_model
 from navit_clip.train.metrics import read_jsonl
-from processes import free_port
+from processes import TINY_TRAIN, free_port
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-    "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
-    "data.seq_len=96", "data.max_images=6", "data.sequences_per_batch=2", "data.max_tokens_per_image=32",
-    "data.num_workers=1", "optim.warmup_steps=2", "train.log_every=1",
-]
-
+TINY = [*TINY_TRAIN, "optim.warmup_steps=2"]
 
 
 def launch(out: Path, shards: str, steps: int, deepspeed_json: Path) -> subprocess.CompletedProcess:
