@@ -17,11 +17,13 @@ from typing import Any
 
 import yaml
 
+from navit_clip.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key is unknown, mistyped or out of range."""
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from navit_clip.data.shards import IMAGE_EXTENSIONS, write_shards
+from navit_clip.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ FILE_COLUMNS = ("file", "filepath", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A caption file or image folder cannot be read as asked (missing column, bad line)."""
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
+from navit_clip.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def skip_counts(by_reason: dict[str, int]) -> list[int]:
     return counts + [sum(n for reason, n in by_reason.items() if reason not in SKIP_REASONS[:-1])]
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard specification matches nothing, or names a file that is missing."""
 
 
