@@ -20,7 +20,10 @@ import yaml
 from navit_clip.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+# An installed wheel carries the configs inside the package (pyproject maps configs/ there); a
+# checkout, editable or not, reads them from configs/ at the top of the repository.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else REPO_ROOT / "configs"
 
 
 class ConfigError(UserError, ValueError):
@@ -327,8 +330,11 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Relative paths in configs are taken from the working directory, then the repository."""
+    """Relative paths in configs are taken from the working directory, then from where the shipped
+    `configs/` lies (the repository, or the installed package), so `configs/deepspeed/cpu.json`
+    works from any directory."""
     p = Path(path)
     if p.is_absolute() or p.exists():
         return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+    shipped = CONFIG_DIR.parent / p
+    return shipped if shipped.exists() else p
