@@ -95,7 +95,7 @@ class ImageEncoder(ImageTower):
         batch, order = self._as_batch(images, max_tokens)
         batch = batch.to(self.proj.weight.device)
         tokens, kept = self.navit.forward_tokens(batch.patches, batch.coords, batch.segment, layers=layers,
-                                                  grid=batch.grid)
+                                                 grid=batch.grid)
         out = {"grids": self._restore(unpack_grids(tokens, batch.coords, batch.segment, batch.grid, batch.valid), order)}
         for layer, feats in kept.items():
             out[f"layer_{layer}"] = self._restore(unpack_grids(feats, batch.coords, batch.segment, batch.grid,
