@@ -1,11 +1,14 @@
-"""Export the image encoder (NaViT + projection), and optionally the text encoder, as
-model.safetensors + config.json, and load them back as standalone modules for downstream work:
-pooled embeddings, per-image patch grids and intermediate layers, for images of any size or for
-a PackedBatch; with the text encoder, zero-shot evaluation from the export alone.
+"""Export the image tower (NaViT + projection), and optionally the text tower, each as its own
+`state_dict()` (model.safetensors, text.safetensors) + config.json, and load them back as the same
+tower classes for downstream work: pooled embeddings, per-image patch grids and intermediate
+layers, for images of any size or for a PackedBatch; with the text tower, zero-shot evaluation
+from the export alone.
 
 config.json carries the whole VisionConfig (written by config_to_dict, so fields added later
 travel without changes here; loading fills fields an older export lacks with their defaults),
-the position-embedding module, the pixel normalisation and the packing limits.
+the position-embedding module, the pixel normalisation, the packing limits and which file holds
+which tower. Exports of formats 1 and 2 (both towers in one file, under the names the CLIP model
+gave them before each tower owned its projection) are converted when loaded.
 """
 
 from __future__ import annotations
@@ -27,28 +30,29 @@ from navit_clip.data.loader import patch_image
 from navit_clip.data.packing import pack
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.model.clip import NaViTCLIP
-from navit_clip.model.navit import NaViT, unpack_grids
-from navit_clip.model.text import TextTransformer
+from navit_clip.model.navit import unpack_grids
+from navit_clip.model.towers import ImageTower, TextTower
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: image tower only, in image_encoder.safetensors
-WEIGHTS_FILE = "model.safetensors"
-V1_WEIGHTS_FILE = "image_encoder.safetensors"
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "config.json"
+IMAGE_WEIGHTS_FILE = "model.safetensors"
+TEXT_WEIGHTS_FILE = "text.safetensors"
+# Formats 1 (image tower only) and 2 (both towers) kept one file, keyed by the CLIP model's earlier names.
+LEGACY_WEIGHTS_FILES = {1: "image_encoder.safetensors", 2: "model.safetensors"}
+LEGACY_KEYS = {"image": {"visual.": "navit.", "image_proj.": "proj."},
+               "text": {"text.": "transformer.", "text_proj.": "proj.", "logit_scale": "logit_scale"}}
 
 
-class ImageEncoder(nn.Module):
-    """NaViT and its projection, with the packing needed to take plain images."""
+class ImageEncoder(ImageTower):
+    """The image tower with the packing limits it was trained with, so it also takes plain images."""
 
     def __init__(self, *, vision: VisionConfig, embed_dim: int, max_tokens_per_image: int, seq_len: int,
                  max_images: int) -> None:
-        super().__init__()
-        self.vision_cfg = vision
+        super().__init__(vision, embed_dim)
         self.max_tokens_per_image = max_tokens_per_image
         self.seq_len = seq_len
         self.max_images = max_images
-        self.visual = NaViT(vision)
-        self.image_proj = nn.Linear(vision.width, embed_dim, bias=False)
 
     def pack_images(self, images: Sequence[torch.Tensor | Image.Image], max_tokens: int | None = None) -> PackedBatch:
         """Images ([C, H, W] uint8 or float in [0, 1], or PIL) -> PackedBatch whose slot keys are
@@ -58,8 +62,7 @@ class ImageEncoder(nn.Module):
         budget = max_tokens or self.max_tokens_per_image
         if budget > self.seq_len:
             raise ValueError(f"max_tokens={budget} exceeds the sequence length {self.seq_len}")
-        policy = ResolutionPolicy(patch_size=self.vision_cfg.patch_size, max_tokens=budget,
-                                  max_side=self.vision_cfg.max_grid_side)
+        policy = ResolutionPolicy(patch_size=self.cfg.patch_size, max_tokens=budget, max_side=self.cfg.max_grid_side)
         no_text = np.zeros(1, dtype=np.int64)
         examples = [patch_image(str(index), (image if isinstance(image, Image.Image) else _to_pil(image, index))
                                 .convert("RGB"), policy, no_text) for index, image in enumerate(images)]
@@ -83,19 +86,16 @@ class ImageEncoder(nn.Module):
         """Pooled embeddings [n, embed_dim] of the input images in input order (for a PackedBatch:
         its valid slots in row-major order). Normalized as in training unless normalize=False."""
         batch, order = self._as_batch(images, max_tokens)
-        batch = batch.to(self.image_proj.weight.device)
-        pooled = self.visual(batch.patches, batch.coords, batch.segment, batch.max_images, grid=batch.grid)
-        emb = self.image_proj(pooled).flatten(0, 1)[batch.valid.flatten()]
-        return self._restore(F.normalize(emb, dim=-1) if normalize else emb, order)
+        return self._restore(self.encode(batch.to(self.proj.weight.device), normalize), order)
 
     def forward_features(self, images: Sequence | PackedBatch, max_tokens: int | None = None,
                          layers: tuple[int, ...] = ()) -> dict[str, list]:
         """Per-image patch grids [rows, cols, width] after the final norm (`grids`) and, for each
         block index in `layers`, the grids of that block's output (`layer_<i>`), in input order."""
         batch, order = self._as_batch(images, max_tokens)
-        batch = batch.to(self.image_proj.weight.device)
-        tokens, kept = self.visual.forward_tokens(batch.patches, batch.coords, batch.segment, layers=layers,
-                                                  grid=batch.grid)
+        batch = batch.to(self.proj.weight.device)
+        tokens, kept = self.navit.forward_tokens(batch.patches, batch.coords, batch.segment, layers=layers,
+                                                 grid=batch.grid)
         out = {"grids": self._restore(unpack_grids(tokens, batch.coords, batch.segment, batch.grid, batch.valid), order)}
         for layer, feats in kept.items():
             out[f"layer_{layer}"] = self._restore(unpack_grids(feats, batch.coords, batch.segment, batch.grid,
@@ -108,23 +108,23 @@ class PackedImageEncoder(nn.Module):
 
     def __init__(self, encoder: ImageEncoder) -> None:
         super().__init__()
-        self.visual, self.image_proj, self.max_images = encoder.visual, encoder.image_proj, encoder.max_images
+        self.tower, self.max_images = encoder, encoder.max_images
 
     def forward(self, patches: torch.Tensor, coords: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
         """patches [S, L, P·P·C] uint8, coords [S, L, 2], segment [S, L] -> normalized [S, E_max, D]
         (empty slots are zeros)."""
-        return F.normalize(self.image_proj(self.visual(patches, coords, segment, self.max_images)), dim=-1)
+        return F.normalize(self.tower.embed(patches, coords, segment, self.max_images), dim=-1)
 
 
 def export_program(encoder: ImageEncoder, num_sequences: int = 1) -> torch.export.ExportedProgram:
     """torch.export of the packed forward at S=num_sequences, L=seq_len, E_max=max_images. The
     program skips the eager check that patch coordinates fit the position table: pack with
     `encoder.pack_images` (or the data pipeline), which never produces larger ones."""
-    cfg = encoder.vision_cfg
+    cfg = encoder.cfg
     S, L = num_sequences, encoder.seq_len
     example = (torch.zeros(S, L, cfg.patch_size * cfg.patch_size * cfg.channels, dtype=torch.uint8),
                torch.zeros(S, L, 2, dtype=torch.int64), torch.full((S, L), -1, dtype=torch.int64))
-    device = encoder.image_proj.weight.device
+    device = encoder.proj.weight.device
     with torch.no_grad():
         return torch.export.export(PackedImageEncoder(encoder).eval(), tuple(t.to(device) for t in example))
 
@@ -142,51 +142,48 @@ def _to_pil(image: torch.Tensor, index: int) -> Image.Image:
 
 def export_image_encoder(model: NaViTCLIP, out_dir: str | Path, *, max_tokens_per_image: int, seq_len: int,
                          max_images: int, with_text: bool = False) -> Path:
-    """Write the image tower and projection of a trained NaViTCLIP (and, with_text, the text
-    tower, its projection and the logit scale) to out_dir."""
+    """Write the image tower of a trained NaViTCLIP (and, with_text, the text tower and the
+    learned temperature) to out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
-    tensors["image_proj.weight"] = model.image_proj.weight
+    _save_tower(model.image, out / IMAGE_WEIGHTS_FILE)
     if with_text:
-        tensors.update({f"text.{k}": v for k, v in model.text.state_dict().items()})
-        tensors["text_proj.weight"] = model.text_proj.weight
-        tensors["logit_scale"] = model.logit_scale
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
-              metadata={"format": "navit-clip", "format_version": str(FORMAT_VERSION)})
+        _save_tower(model.text, out / TEXT_WEIGHTS_FILE)
+    else:  # a text tower left from an earlier export into this folder is not part of this one
+        (out / TEXT_WEIGHTS_FILE).unlink(missing_ok=True)
+    navit = model.image.navit
     config = {"format_version": FORMAT_VERSION, "architecture": "navit-clip",
+              "weights": {"image": IMAGE_WEIGHTS_FILE, "text": TEXT_WEIGHTS_FILE if with_text else None},
               "vision": config_to_dict(model.cfg.vision),
-              "position_embedding": type(model.visual.pos_emb).__name__,
-              "normalization": {"scale": 1 / 255, "mean": model.visual.pixel_mean.tolist(),
-                                "std": model.visual.pixel_std.tolist()},
+              "position_embedding": type(navit.pos_emb).__name__,
+              "normalization": {"scale": 1 / 255, "mean": navit.pixel_mean.tolist(), "std": navit.pixel_std.tolist()},
               "embed_dim": model.cfg.embed_dim, "max_tokens_per_image": max_tokens_per_image,
               "seq_len": seq_len, "max_images": max_images,
               "text": config_to_dict(model.cfg.text) if with_text else None,
+              "logit_scale": float(model.logit_scale.detach()) if with_text else None,
               "tokenizer": "open_clip SimpleTokenizer (bundled BPE)" if with_text else None}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return out
 
 
-class TextEncoder(nn.Module):
-    """The text tower and its projection: tokens [n, T] -> L2-normalized [n, embed_dim]."""
+def _save_tower(tower: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tower.state_dict().items()}, str(path),
+              metadata={"format": "navit-clip", "format_version": str(FORMAT_VERSION)})
 
-    def __init__(self, *, text: TextConfig, embed_dim: int) -> None:
-        super().__init__()
-        self.text_cfg = text
-        self.text = TextTransformer(text)
-        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.zeros(1))
 
-    @property
-    def context_length(self) -> int:
-        return self.text_cfg.context_length
+class TextEncoder(TextTower):
+    """The text tower as exported: tokens [n, T] -> L2-normalized [n, embed_dim]. `logit_scale` is
+    the trained log temperature, kept for scoring."""
+
+    def __init__(self, *, text: TextConfig, embed_dim: int, logit_scale: float = 0.0) -> None:
+        super().__init__(text, embed_dim)
+        self.register_buffer("logit_scale", torch.full((1,), float(logit_scale)), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
+        return self.encode(tokens)
 
 
-def _read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    path = Path(path)
+def _read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"{path} is not an exported encoder: {CONFIG_FILE} is missing")
@@ -198,32 +195,44 @@ def _read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{config_path} has format_version {version}, "
                          f"this navit-clip reads {', '.join(map(str, READABLE_VERSIONS))}")
-    weights_path = path / (WEIGHTS_FILE if version >= 2 else V1_WEIGHTS_FILE)
-    if not weights_path.exists():
-        raise FileNotFoundError(f"{path} is not an exported encoder: {weights_path.name} is missing")
-    return config, load_file(str(weights_path))
+    return config
 
 
-def _part(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+def _read_weights(path: Path, config: dict, tower: str) -> dict[str, torch.Tensor]:
+    """The state dict of one tower ("image" or "text"), in the tower's own key names."""
+    version = config["format_version"]
+    name = config["weights"][tower] if version >= 3 else LEGACY_WEIGHTS_FILES[version]
+    if not (path / name).exists():
+        raise FileNotFoundError(f"{path} is not an exported encoder: {name} is missing")
+    tensors = load_file(str(path / name))
+    if version >= 3:
+        return tensors
+    renames = LEGACY_KEYS[tower]
+    return {new + key[len(old):]: value for key, value in tensors.items()
+            for old, new in renames.items() if key.startswith(old)}
 
 
 def load_image_encoder(path: str | Path, device: str | torch.device = "cpu") -> ImageEncoder:
     """Load the image encoder export_image_encoder wrote; no training code or DeepSpeed needed."""
-    config, tensors = _read_export(path)
+    path = Path(path)
+    config = _read_config(path)
     encoder = ImageEncoder(vision=config_from_dict(VisionConfig, config["vision"]), embed_dim=config["embed_dim"],
                            max_tokens_per_image=config["max_tokens_per_image"], seq_len=config["seq_len"],
                            max_images=config["max_images"])
-    encoder.load_state_dict(_part(tensors, ("visual.", "image_proj.")), strict=True)
+    encoder.load_state_dict(_read_weights(path, config, "image"), strict=True)
     return encoder.to(device).eval()
 
 
 def load_text_encoder(path: str | Path, device: str | torch.device = "cpu") -> TextEncoder:
     """Load the text encoder of an export written with with_text=True."""
-    config, tensors = _read_export(path)
+    path = Path(path)
+    config = _read_config(path)
     if not config.get("text"):
         raise ValueError(f"{path} holds no text encoder: export it with `navit-clip export --with-text` "
                          "to evaluate zero-shot from the export alone")
-    encoder = TextEncoder(text=config_from_dict(TextConfig, config["text"]), embed_dim=config["embed_dim"])
-    encoder.load_state_dict(_part(tensors, ("text.", "text_proj.", "logit_scale")), strict=True)
+    state = _read_weights(path, config, "text")
+    legacy_scale = state.pop("logit_scale", None)  # formats 1 and 2 kept it among the weights
+    encoder = TextEncoder(text=config_from_dict(TextConfig, config["text"]), embed_dim=config["embed_dim"],
+                          logit_scale=config.get("logit_scale") if legacy_scale is None else float(legacy_scale))
+    encoder.load_state_dict(state, strict=True)
     return encoder.to(device).eval()

@@ -56,6 +56,27 @@ def test_files_and_config(trained_and_exported):
     assert (path / "model.safetensors").stat().st_size > 0
 
 
+def test_exported_encoder_is_the_image_tower_with_its_own_state(trained_and_exported):
+    """The export is the image tower's own state dict, loaded into the same class: equal key for
+    key and value for value, and the same embeddings as the training model on one PackedBatch."""
+    from navit_clip.model.towers import ImageTower
+
+    model, path = trained_and_exported
+    encoder = load_image_encoder(path)
+    assert isinstance(encoder, ImageTower)
+    want, got = model.image.state_dict(), encoder.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    batch = encoder.pack_images(random_images(5))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(batch), model.encode_image_slots(batch)[batch.valid.flatten()],
+                                   atol=0, rtol=0)
+    config = json.loads((path / "config.json").read_text())
+    assert config["format_version"] == 3 and config["weights"] == {"image": "model.safetensors", "text": None}
+    assert not (path / "text.safetensors").exists()
+
+
 def test_list_of_images_matches_training_model_in_input_order(trained_and_exported):
     model, path = trained_and_exported
     encoder = load_image_encoder(path)
@@ -157,6 +178,11 @@ def test_text_encoder_export_matches_training_model(trained_and_exported, tmp_pa
                                 with_text=True)
     config = json.loads((both / "config.json").read_text())
     assert config["text"]["context_length"] == 8 and config["position_embedding"] == "FactorizedPosEmb"
+    assert config["weights"] == {"image": "model.safetensors", "text": "text.safetensors"}
+    text_state = load_text_encoder(both).state_dict()
+    assert list(text_state) == list(model.text.state_dict())
+    assert all(torch.equal(text_state[k], v) for k, v in model.text.state_dict().items())
+    assert torch.equal(load_text_encoder(both).logit_scale, model.logit_scale.detach())
     assert config["normalization"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     tokens = torch.from_numpy(CaptionTokenizer(8)(["a red square", "two dogs", "x"]))
     with torch.no_grad():
@@ -187,21 +213,48 @@ def test_torch_export_program_equals_eager(trained_and_exported):
                                atol=1e-5, rtol=0)
 
 
-def test_older_exports_still_load(trained_and_exported, tmp_path):
-    """Format 1 (image_encoder.safetensors) and a config written before some VisionConfig fields
-    existed: the missing fields take their defaults."""
-    from safetensors.torch import load_file, save_file
+def legacy_tensors(model: NaViTCLIP, with_text: bool) -> dict[str, torch.Tensor]:
+    """The weights as formats 1 and 2 stored them: one file, keyed by the names the CLIP model
+    gave its parts before each tower owned its projection."""
+    tensors = {f"visual.{k}": v for k, v in model.image.navit.state_dict().items()}
+    tensors["image_proj.weight"] = model.image.proj.weight
+    if with_text:
+        tensors.update({f"text.{k}": v for k, v in model.text.transformer.state_dict().items()})
+        tensors["text_proj.weight"] = model.text.proj.weight
+        tensors["logit_scale"] = model.logit_scale
+    return {k: v.detach().float().contiguous() for k, v in tensors.items()}
 
-    _, path = trained_and_exported
+
+def test_older_exports_still_load(trained_and_exported, tmp_path):
+    """Format 1 (image_encoder.safetensors) with a config written before some VisionConfig fields
+    existed (the missing fields take their defaults), and format 2 (model.safetensors with both
+    towers): their keys are converted to the towers' own."""
+    from safetensors.torch import save_file
+
+    from navit_clip.data.text import CaptionTokenizer
+    from navit_clip.export import load_text_encoder
+
+    model, path = trained_and_exported
     config = json.loads((path / "config.json").read_text())
     vision = {k: v for k, v in config["vision"].items() if k != "attention"}
-    (tmp_path / "config.json").write_text(json.dumps({"format_version": 1, "vision": vision, "embed_dim": 24,
-                                                      "max_tokens_per_image": 40, "seq_len": 64, "max_images": 4}))
-    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items()}
-    save_file(tensors, str(tmp_path / "image_encoder.safetensors"))
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "config.json").write_text(json.dumps({"format_version": 1, "vision": vision, "embed_dim": 24,
+                                                "max_tokens_per_image": 40, "seq_len": 64, "max_images": 4}))
+    save_file(legacy_tensors(model, with_text=False), str(v1 / "image_encoder.safetensors"))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    text = {"width": 32, "depth": 1, "heads": 2, "context_length": 8}
+    (v2 / "config.json").write_text(json.dumps({**config, "format_version": 2, "text": text, "weights": None}))
+    save_file(legacy_tensors(model, with_text=True), str(v2 / "model.safetensors"))
+    tokens = torch.from_numpy(CaptionTokenizer(8)(["a red square", "two dogs"]))
     with torch.no_grad():
-        torch.testing.assert_close(load_image_encoder(tmp_path)(random_images()),
-                                   load_image_encoder(path)(random_images()), atol=0, rtol=0)
+        expected = load_image_encoder(path)(random_images())
+        for old in (v1, v2):
+            torch.testing.assert_close(load_image_encoder(old)(random_images()), expected, atol=0, rtol=0)
+        text_encoder = load_text_encoder(v2)
+        torch.testing.assert_close(text_encoder(tokens), model.encode_text(tokens), atol=0, rtol=0)
+    assert torch.equal(text_encoder.logit_scale, model.logit_scale.detach())
 
 
 def test_wrong_model_paths_are_named(trained_and_exported, tmp_path):

@@ -216,7 +216,7 @@ def test_image_embedding_independent_of_packing(attention):
         for key in ("x", "y"):
             alone = to_packed_batch([[imgs[key]]], seq_len=40, max_images=3, patch_dim=P * P * C, text_len=CTX)
             emb_alone = model.encode_image_slots(alone)[0]
-            pooled_alone = model.visual(alone.patches, alone.coords, alone.segment, alone.max_images)[0, 0]
+            pooled_alone = model.image.navit(alone.patches, alone.coords, alone.segment, alone.max_images)[0, 0]
             others = [imgs[k] for k in "abc"]
             # a different sequence, a later position and slot, a longer sequence, more slots
             packed = to_packed_batch([[others[0], others[1]], [others[2], imgs[key], others[0]]],
@@ -225,7 +225,7 @@ def test_image_embedding_independent_of_packing(attention):
             assert (s, slot) == (1, 1)
             all_packed = model.encode_image_slots(packed)
             emb_packed = all_packed[s * packed.max_images + slot]
-            pooled_packed = model.visual(packed.patches, packed.coords, packed.segment, packed.max_images)[s, slot]
+            pooled_packed = model.image.navit(packed.patches, packed.coords, packed.segment, packed.max_images)[s, slot]
             torch.testing.assert_close(emb_packed, emb_alone, atol=1e-5, rtol=0)
             torch.testing.assert_close(pooled_packed, pooled_alone, atol=1e-5, rtol=0)
             # through the first-fit packer as well
@@ -252,7 +252,7 @@ def test_unpack_grids_matches_forward_tokens(model):
     order = [[imgs["a"], imgs["y"]], [imgs["c"], imgs["x"]]]
     batch = to_packed_batch(order, seq_len=48, max_images=3, patch_dim=P * P * C, text_len=CTX)
     with torch.no_grad():
-        tokens, kept = model.visual.forward_tokens(batch.patches, batch.coords, batch.segment)
+        tokens, kept = model.image.navit.forward_tokens(batch.patches, batch.coords, batch.segment)
     assert kept == {}
     assert tokens.shape == (2, 48, 32)
     grids = unpack_grids(tokens, batch.coords, batch.segment, batch.grid, batch.valid)
@@ -274,13 +274,13 @@ def test_unpack_grids_matches_forward_tokens(model):
     # grids are packing-invariant as well
     alone = to_packed_batch([[imgs["x"]]], seq_len=20, max_images=1, patch_dim=P * P * C, text_len=CTX)
     with torch.no_grad():
-        tok_alone, _ = model.visual.forward_tokens(alone.patches, alone.coords, alone.segment)
+        tok_alone, _ = model.image.navit.forward_tokens(alone.patches, alone.coords, alone.segment)
     grid_alone = unpack_grids(tok_alone, alone.coords, alone.segment, alone.grid, alone.valid)[0]
     torch.testing.assert_close(grids[3], grid_alone, atol=1e-5, rtol=0)
 
 
 def test_forward_tokens_returns_intermediate_layers(model):
-    visual = model.visual
+    visual = model.image.navit
     batch = pack(list(images().values()), seq_len=40, max_images=3)
     with torch.no_grad():
         final, kept = visual.forward_tokens(batch.patches, batch.coords, batch.segment, layers=(0,))
@@ -309,12 +309,12 @@ def test_navit_forward_shape_and_grid_side_limit(model):
     imgs = images()
     batch = pack(list(imgs.values()), seq_len=40, max_images=3)
     with torch.no_grad():
-        pooled = model.visual(batch.patches, batch.coords, batch.segment, batch.max_images)
+        pooled = model.image.navit(batch.patches, batch.coords, batch.segment, batch.max_images)
     assert pooled.shape == (batch.num_sequences, 3, 32)
     too_wide = make_image("w", 1, 17, seed=9)  # max_grid_side=16
     big = to_packed_batch([[too_wide]], seq_len=20, max_images=1, patch_dim=P * P * C, text_len=CTX)
     with pytest.raises(ValueError, match=r"model\.vision\.max_grid_side"):
-        model.visual(big.patches, big.coords, big.segment, 1)
+        model.image.navit(big.patches, big.coords, big.segment, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def test_clip_text_rows_align_with_slots(model):
         out = model(batch)
         flat = batch.text.flatten(0, 1)
         for i in out["valid"].nonzero().squeeze(1).tolist():
-            ref = F.normalize(model.text_proj(model.text(flat[i:i + 1])), dim=-1)[0]
+            ref = F.normalize(model.text.proj(model.text.transformer(flat[i:i + 1])), dim=-1)[0]
             torch.testing.assert_close(out["text"][i], ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["image"], model.encode_image_slots(batch), atol=0, rtol=0)
 
@@ -444,8 +444,8 @@ def test_clip_sigmoid_has_bias_and_trains():
                             kind="sigmoid")
     loss.backward()
     assert model.logit_bias.grad is not None and model.logit_bias.grad.abs() > 0
-    assert torch.isfinite(model.visual.patch_embed[1].weight.grad).all()
-    assert model.text.token_emb.weight.grad.abs().sum() > 0
+    assert torch.isfinite(model.image.navit.patch_embed[1].weight.grad).all()
+    assert model.text.transformer.token_emb.weight.grad.abs().sum() > 0
 
     softmax_model = NaViTCLIP(tiny_config(loss="softmax"))
     assert softmax_model.logit_bias is None

@@ -98,7 +98,7 @@ def test_padding_never_changes_any_output(posemb, attention):
     noisy = replace(batch, patches=batch.patches.clone(), coords=batch.coords.clone())
     noisy.patches[pad] = torch.randint(0, 256, noisy.patches[pad].shape, generator=gen, dtype=torch.uint8)
     noisy.coords[pad] = torch.randint(0, 1000, noisy.coords[pad].shape, generator=gen)
-    visual = model.visual
+    visual = model.image.navit
 
     def outputs(b):
         with torch.no_grad():
@@ -131,9 +131,10 @@ def test_gradient_checkpointing_changes_nothing():
     results = []
     for checkpointing in (False, True):
         model = make_model(grad_checkpointing=checkpointing).train()
-        for block in model.text.blocks:
+        for block in model.text.transformer.blocks:
             block.checkpointing = checkpointing
-        assert all(b.checkpointing == checkpointing for b in [*model.visual.blocks, *model.text.blocks])
+        blocks = [*model.image.navit.blocks, *model.text.transformer.blocks]
+        assert all(b.checkpointing == checkpointing for b in blocks)
         out = model(batch)
         loss = (out["image"] @ out["text"].T).diagonal()[out["valid"]].sum()
         loss.backward()
@@ -148,7 +149,7 @@ def test_gradient_checkpointing_changes_nothing():
 def test_text_checkpointing_flag_comes_from_config():
     cfg = load_config(None, ["model.text.grad_checkpointing=true", "model.vision.grad_checkpointing=true"])
     model = NaViTCLIP(cfg.model)
-    assert all(b.checkpointing for b in [*model.visual.blocks, *model.text.blocks])
+    assert all(b.checkpointing for b in [*model.image.navit.blocks, *model.text.transformer.blocks])
 
 
 @pytest.mark.slow

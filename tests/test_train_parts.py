@@ -29,13 +29,15 @@ def test_weight_decay_only_on_linear_weight_matrices(model):
     assert set(decay).isdisjoint(no_decay)
     assert set(decay) | set(no_decay) == {n for n, _ in model.named_parameters()}
     # decayed: the weight matrices of linear layers, nothing else
-    for name in ("visual.patch_embed.1.weight", "visual.blocks.0.attn.qkv.weight", "visual.blocks.0.mlp.2.weight",
-                 "visual.pool.kv.weight", "image_proj.weight", "text.blocks.0.attn.out.weight", "text_proj.weight"):
+    for name in ("image.navit.patch_embed.1.weight", "image.navit.blocks.0.attn.qkv.weight",
+                 "image.navit.blocks.0.mlp.2.weight", "image.navit.pool.kv.weight", "image.proj.weight",
+                 "text.transformer.blocks.0.attn.out.weight", "text.proj.weight"):
         assert name in decay, name
     # not decayed: embeddings, position tables, norms, biases, the loss temperature and bias, pooling queries
-    for name in ("text.token_emb.weight", "text.pos_emb", "visual.pos_emb.rows", "visual.pos_emb.cols",
-                 "visual.blocks.0.norm1.weight", "visual.norm.bias", "visual.patch_embed.0.weight",
-                 "visual.blocks.0.attn.qkv.bias", "logit_scale", "logit_bias", "visual.pool.query"):
+    for name in ("text.transformer.token_emb.weight", "text.transformer.pos_emb", "image.navit.pos_emb.rows",
+                 "image.navit.pos_emb.cols", "image.navit.blocks.0.norm1.weight", "image.navit.norm.bias",
+                 "image.navit.patch_embed.0.weight", "image.navit.blocks.0.attn.qkv.bias", "logit_scale", "logit_bias",
+                 "image.navit.pool.query"):
         assert name in no_decay, name
     assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay)
     groups = param_groups(model, 0.1)
@@ -105,10 +107,10 @@ def test_flops_estimate_and_checksum(model):
     assert model_flops(sizes, 100, 50) == 6 * (sizes["vision"] * 100 + sizes["text"] * 50)
     before = param_checksum(model)
     with torch.no_grad():
-        model.text_proj.weight[0, 0] += 1e-3
+        model.text.proj.weight[0, 0] += 1e-3
     assert not torch.equal(before, param_checksum(model))
     with torch.no_grad():
-        model.text_proj.weight[0, 0] -= 1e-3
+        model.text.proj.weight[0, 0] -= 1e-3
 
 
 def test_config_knobs_have_defaults():

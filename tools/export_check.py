@@ -54,7 +54,7 @@ def main() -> int:
             seen += int(valid.sum())
     size = sum(p.stat().st_size for p in Path(args.export).glob("*.safetensors"))
     print(f"export {args.export} (step {step}): {size / 1e6:.2f} MB, loaded in {load_s:.2f} s")
-    print(f"{seen} evaluation images: max |exported - training| = {worst_export:.2e} (fp32, {encoder.image_proj.weight.device})")
+    print(f"{seen} evaluation images: max |exported - training| = {worst_export:.2e} (fp32, {encoder.proj.weight.device})")
     print(f"{traced_images} of them in full batches: max |torch.export program - training| = "
           + (f"{worst_program:.2e}" if traced_images else "n/a (no full batch)"))
     return 0

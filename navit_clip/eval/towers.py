@@ -42,8 +42,8 @@ def from_training_model(model, cfg, device: torch.device | str = "cpu", name: st
     """Towers of an in-memory NaViTCLIP with its Config."""
     device = torch.device(device)
     model = model.to(device).eval()
-    return Towers(name=name, encode_batch=lambda b: model.encode_image_slots(b)[b.valid.flatten()],
-                  encode_text=model.encode_text, context_length=cfg.model.text.context_length,
+    return Towers(name=name, encode_batch=model.image.encode, encode_text=model.text.encode,
+                  context_length=cfg.model.text.context_length,
                   patch_size=cfg.model.vision.patch_size, max_side=cfg.model.vision.max_grid_side,
                   seq_len=cfg.data.seq_len, max_images=cfg.data.max_images,
                   max_tokens_per_image=cfg.data.max_tokens_per_image, device=device, step=step, cfg=cfg,
@@ -80,12 +80,8 @@ def _from_export(path: Path, device: torch.device) -> Towers:
 
     image = load_image_encoder(path, device)
     text = load_text_encoder(path, device) if json.loads((path / CONFIG_FILE).read_text()).get("text") else None
-
-    def encode_batch(batch: PackedBatch) -> torch.Tensor:
-        return image(batch)
-
-    return Towers(name=str(path), encode_batch=encode_batch, encode_text=text,
+    return Towers(name=str(path), encode_batch=image.encode, encode_text=text.encode if text is not None else None,
                   context_length=text.context_length if text is not None else 0,
-                  patch_size=image.vision_cfg.patch_size, max_side=image.vision_cfg.max_grid_side,
+                  patch_size=image.cfg.patch_size, max_side=image.cfg.max_grid_side,
                   seq_len=image.seq_len, max_images=image.max_images,
                   max_tokens_per_image=image.max_tokens_per_image, device=device)

@@ -1,4 +1,5 @@
-"""NaViTCLIP: both towers, their projections into one space, a learned temperature (and bias)."""
+"""NaViTCLIP: an image tower and a text tower (each owning its projection into one space), a
+learned temperature (and bias)."""
 
 from __future__ import annotations
 
@@ -8,30 +9,26 @@ from torch import nn
 
 from navit_clip.batch import PackedBatch
 from navit_clip.config import ModelConfig
-from navit_clip.model.navit import NaViT
-from navit_clip.model.text import TextTransformer
+from navit_clip.model.towers import ImageTower, TextTower
 
 
 class NaViTCLIP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.visual = NaViT(cfg.vision)
-        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
-        self.text = TextTransformer(cfg.text)
-        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        self.image = ImageTower(cfg.vision, cfg.embed_dim)
+        self.text = TextTower(cfg.text, cfg.embed_dim)
         # Shape [1], not []: DeepSpeed's initial parameter broadcast cannot view 0-dim tensors as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias))) if cfg.loss == "sigmoid" else None
 
     def encode_image_slots(self, batch: PackedBatch) -> torch.Tensor:
         """-> L2-normalized image embeddings [S·E_max, embed_dim]; empty slots are zeros."""
-        pooled = self.visual(batch.patches, batch.coords, batch.segment, batch.max_images, grid=batch.grid)
-        return F.normalize(self.image_proj(pooled), dim=-1).flatten(0, 1)
+        return F.normalize(self.image(batch), dim=-1).flatten(0, 1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [n, T] -> L2-normalized [n, embed_dim]."""
-        return F.normalize(self.text_proj(self.text(tokens)), dim=-1)
+        return F.normalize(self.text(tokens), dim=-1)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp().squeeze(0)

@@ -103,7 +103,7 @@ def tower_sizes(model: nn.Module) -> dict[str, int]:
     def count(module: nn.Module) -> int:
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 
-    return {"vision": count(model.visual) + count(model.image_proj), "text": count(model.text) + count(model.text_proj)}
+    return {"vision": count(model.image), "text": count(model.text)}
 
 
 def param_checksum(model: nn.Module) -> torch.Tensor:
