@@ -135,7 +135,7 @@ def test_sampled_resolution_varies_sizes(tiny_shards):
         for s, keys in enumerate(batch.keys):
             for slot, key in enumerate(keys):
                 rows, cols = batch.grid[s, slot].tolist()
-                assert rows * cols <= spec.max_tokens
+                assert rows * cols <= spec.resolution.max_tokens
                 grids.setdefault(key, set()).add((rows, cols))
     big = [k for k, (w, h) in tiny_shards.sizes.items() if w * h >= 150 * 150]
     assert any(len(grids[k]) > 1 for k in big)
