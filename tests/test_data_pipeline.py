@@ -270,8 +270,8 @@ def test_resume_replays_resampled_dropped_sampled_stream(bad_shard_set, num_work
 
     shards, _ = bad_shard_set
     spec = spec_for(shards, "data.sources.resampled=true", "data.sources.steps_per_epoch=3",
-                    "data.resolution.mode=side_normal", "data.drop.kind=beta", "data.drop.beta_a=2", "data.drop.beta_b=5",
-                    "data.drop.max_rate=0.5", "data.packing.buffer_size=8", loop=True)
+                    "data.resolution.mode=side_normal", "data.drop.kind=beta", "data.drop.beta_a=2",
+                    "data.drop.beta_b=5", "data.drop.max_rate=0.5", "data.packing.buffer_size=8", loop=True)
     reference = list(itertools.islice(ResumableBatches(make_loader(spec, num_workers=num_workers)), 7))
     resumed = ResumableBatches(make_loader(spec, num_workers=num_workers), state={"batches": 4})
     for expected in reference[4:]:

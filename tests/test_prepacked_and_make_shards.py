@@ -100,7 +100,8 @@ def test_prepacked_patch_size_mismatch_names_shard(tiny_shards, tmp_path):
     write_packed_shards(PackedStream(spec_for(tiny_shards.spec)), str(tmp_path / "p-%06d.tar"), 100)
     from navit_clip.data.shards import ShardError
     with pytest.raises(ShardError, match="p-000000.tar"):
-        list(PackedStream(spec_for(str(tmp_path / "p-000000.tar"), "model.vision.patch_size=8", "model.vision.max_grid_side=16")))
+        list(PackedStream(spec_for(str(tmp_path / "p-000000.tar"), "model.vision.patch_size=8",
+                                   "model.vision.max_grid_side=16")))
 
 
 # --------------------------------------------------------------------------------- make-shards

@@ -51,7 +51,7 @@ def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np
     return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
 
 
-def to_patched(sample: "Sample", policy: ResolutionPolicy, tokenizer: "CaptionTokenizer",
+def to_patched(sample: Sample, policy: ResolutionPolicy, tokenizer: CaptionTokenizer,
                rng: np.random.Generator | None, step: int = 0) -> PatchedImage:
     """A decoded training sample, sized, patchified and with its caption tokenized."""
     return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng, step,

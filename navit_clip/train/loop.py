@@ -274,8 +274,8 @@ def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
     """What determines the data stream, saved with each checkpoint. The shard paths may move;
     their number, the sizes, the packing, seeds, ranks and workers may not."""
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k != "shards"}
-    return {**identity, "num_shards": len(expand_shards(spec.shards, spec.sources.allow_pipe)), "world_size": dist.world_size(),
-            "num_workers": cfg.data.num_workers}
+    return {**identity, "num_shards": len(expand_shards(spec.shards, spec.sources.allow_pipe)),
+            "world_size": dist.world_size(), "num_workers": cfg.data.num_workers}
 
 
 def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
