@@ -48,11 +48,12 @@ def _cmd_pack_shards(args: argparse.Namespace) -> dict:
 
     from navit_clip.data.loader import PackedStream
     from navit_clip.data.prepacked import write_packed_shards
-    from navit_clip.train.loop import train_stream_spec
+    from navit_clip.data.spec import stream_spec
 
     cfg = load_config(args.config, args.overrides)
-    spec = replace(train_stream_spec(cfg), shards=args.shards, loop=False, resampled=False, shard_kind="raw",
-                   shuffle_buffer=args.shuffle_buffer)
+    spec = stream_spec(cfg)
+    spec = replace(spec, shards=args.shards, loop=False, shuffle_buffer=args.shuffle_buffer,
+                   sources=replace(spec.sources, resampled=False, shard_kind="raw"))
     stream = PackedStream(spec)
     batches = tqdm(stream, desc="pack-shards", unit="batch")
     skipped: dict = {}
@@ -105,7 +106,7 @@ def _cmd_export(args: argparse.Namespace) -> dict:
 
     model, cfg, step = load_trained_model(args.run, args.tag)
     with_text = getattr(args, "with_text", False)
-    out = export_image_encoder(model, args.out or Path(args.run) / "export", max_tokens_per_image=cfg.data.max_tokens_per_image,
+    out = export_image_encoder(model, args.out or Path(args.run) / "export", max_tokens_per_image=cfg.data.resolution.max_tokens,
                                seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, with_text=with_text)
     what = "image and text encoders" if with_text else "image encoder"
     print(f"exported the {what} of step {step} to {out} (load with navit_clip.export.load_image_encoder)")

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -26,8 +25,8 @@ from torch import nn
 
 from navit_clip.batch import PackedBatch
 from navit_clip.config import TextConfig, VisionConfig, config_from_dict, config_to_dict
-from navit_clip.data.loader import patch_image
 from navit_clip.data.packing import pack
+from navit_clip.data.patches import patch_image
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.model.navit import unpack_grids
@@ -63,9 +62,8 @@ class ImageEncoder(ImageTower):
         if budget > self.seq_len:
             raise ValueError(f"max_tokens={budget} exceeds the sequence length {self.seq_len}")
         policy = ResolutionPolicy(patch_size=self.cfg.patch_size, max_tokens=budget, max_side=self.cfg.max_grid_side)
-        no_text = np.zeros(1, dtype=np.int64)
         examples = [patch_image(str(index), (image if isinstance(image, Image.Image) else _to_pil(image, index))
-                                .convert("RGB"), policy, no_text) for index, image in enumerate(images)]
+                                .convert("RGB"), policy) for index, image in enumerate(images)]
         return pack(examples, self.seq_len, self.max_images)
 
     def _as_batch(self, images: Sequence | PackedBatch, max_tokens: int | None) -> tuple[PackedBatch, list[int] | None]:

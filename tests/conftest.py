@@ -17,6 +17,18 @@ from PIL import Image
 
 from navit_clip.data.shards import write_shards
 
+
+def stream_from_config(shards: str, overrides: list[str], **fields):
+    """A stream spec built as training builds it (`stream_spec`), from config overrides, then
+    with spec `fields` (loop, seed, ...) replaced."""
+    from dataclasses import replace
+
+    from navit_clip.config import load_config
+    from navit_clip.data.spec import stream_spec
+
+    return replace(stream_spec(load_config(None, overrides)), shards=shards, **fields)
+
+
 # ---------------------------------------------------------------------------------------------
 # tiny_shards: a handful of small WebDataset shards written with navit_clip's own writer
 # ---------------------------------------------------------------------------------------------

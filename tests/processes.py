@@ -13,7 +13,7 @@ import pytest
 TINY_TRAIN = [
     "model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
     "model.text.width=32", "model.text.depth=1", "model.text.heads=2",
-    "data.seq_len=96", "data.max_images=6", "data.sequences_per_batch=2", "data.max_tokens_per_image=32",
+    "data.seq_len=96", "data.max_images=6", "data.sequences_per_batch=2", "data.resolution.max_tokens=32",
     "data.num_workers=1", "train.log_every=1",
 ]
 

@@ -29,7 +29,7 @@ def test_yaml_load(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
         "model:\n  vision: {patch_size: 16, width: 96, heads: 3}\n  loss: sigmoid\n"
-        "data:\n  seq_len: 512\n  resolution: sampled\n"
+        "data:\n  seq_len: 512\n  resolution: {mode: sampled}\n"
         "optim: {lr: 2.0e-4}\n"
         "train: {resume: false, out_dir: runs/x}\n"
     )
@@ -37,7 +37,7 @@ def test_yaml_load(tmp_path):
     assert cfg.model.vision.patch_size == 16
     assert cfg.model.vision.width == 96 and cfg.model.vision.heads == 3
     assert cfg.model.loss == "sigmoid"
-    assert cfg.data.seq_len == 512 and cfg.data.resolution == "sampled"
+    assert cfg.data.seq_len == 512 and cfg.data.resolution.mode == "sampled"
     assert cfg.optim.lr == pytest.approx(2e-4)
     assert cfg.train.resume is False and cfg.train.out_dir == "runs/x"
     # untouched values keep their defaults
@@ -163,12 +163,12 @@ def test_section_needs_mapping():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["data.max_tokens_per_image=300", "data.seq_len=256"], "data.max_tokens_per_image"),
-    (["data.max_tokens_per_image=0"], "data.max_tokens_per_image"),
-    (["data.min_tokens_per_image=65", "data.max_tokens_per_image=64"], "data.min_tokens_per_image"),
+    (["data.resolution.max_tokens=300", "data.seq_len=256"], "data.resolution.max_tokens"),
+    (["data.resolution.max_tokens=0"], "data.resolution.max_tokens"),
+    (["data.resolution.min_tokens=65", "data.resolution.max_tokens=64"], "data.resolution.min_tokens"),
     (["model.vision.width=130", "model.vision.heads=4"], "model.vision.width"),
     (["model.text.width=100", "model.text.heads=3"], "model.text.width"),
-    (["data.resolution=fixed"], "data.resolution"),
+    (["data.resolution.mode=fixed"], "data.resolution.mode"),
     (["model.loss=hinge"], "model.loss"),
     (["model.vision.attention=xformers"], "model.vision.attention"),
     (["train.precision=fp16"], "train.precision"),
@@ -179,7 +179,7 @@ def test_section_needs_mapping():
     (["train.steps=0"], "train.steps"),
     (["data.max_images=0"], "data.max_images"),
     (["data.sequences_per_batch=0"], "data.sequences_per_batch"),
-    (["data.open_sequences=0"], "data.open_sequences"),
+    (["data.packing.open_sequences=0"], "data.packing.open_sequences"),
     (["data.num_workers=-1"], "data.num_workers"),
     (["train.ckpt_every=0"], "train.ckpt_every"),
     (["train.keep_checkpoints=0"], "train.keep_checkpoints"),
@@ -191,9 +191,9 @@ def test_out_of_range_names_key(overrides, key):
 
 
 def test_boundary_values_are_accepted():
-    cfg = load_config(overrides=["data.seq_len=64", "data.max_tokens_per_image=64", "data.min_tokens_per_image=64",
+    cfg = load_config(overrides=["data.seq_len=64", "data.resolution.max_tokens=64", "data.resolution.min_tokens=64",
                                  "eval.max_tokens_per_image=64", "data.num_workers=0"])
-    assert cfg.data.max_tokens_per_image == cfg.data.seq_len == 64
+    assert cfg.data.resolution.max_tokens == cfg.data.seq_len == 64
 
 
 def test_out_of_range_in_yaml(tmp_path):
@@ -205,7 +205,7 @@ def test_out_of_range_in_yaml(tmp_path):
 
 def test_dict_round_trip():
     cfg = load_config(overrides=["optim.lr=3e-4", "model.vision.patch_size=16", "train.resume=false",
-                                 "data.resolution=sampled"])
+                                 "data.resolution.mode=sampled"])
     as_dict = config_to_dict(cfg)
     assert as_dict["optim"]["lr"] == pytest.approx(3e-4)
     assert as_dict["model"]["vision"]["patch_size"] == 16
@@ -272,5 +272,110 @@ def test_apply_overrides_to_existing_config():
     assert out.train.steps == 5 and out.optim.lr == pytest.approx(3e-4) and out.model.vision.depth == 2
     with pytest.raises(ConfigError, match="optim.lrr"):
         apply_overrides(Config(), ["optim.lrr=1"])
-    with pytest.raises(ConfigError, match="data.max_tokens_per_image"):
-        apply_overrides(Config(), ["data.max_tokens_per_image=10000"])
+    with pytest.raises(ConfigError, match="data.resolution.max_tokens"):
+        apply_overrides(Config(), ["data.resolution.max_tokens=10000"])
+
+
+# ---------------------------------------------------------------------------------------------
+# moved keys and choice lists
+# ---------------------------------------------------------------------------------------------
+
+#: the flat data keys of earlier versions and where they live now (written out again here, as
+#: the reference the table in config.py is checked against)
+OLD_DATA_KEYS = {
+    "resolution": "resolution.mode", "max_tokens_per_image": "resolution.max_tokens",
+    "min_tokens_per_image": "resolution.min_tokens", "side_mean": "resolution.side_mean",
+    "side_std": "resolution.side_std", "resolution_ramp_start_tokens": "resolution.ramp_start_tokens",
+    "resolution_ramp_steps": "resolution.ramp_steps", "drop": "drop.kind", "drop_rate": "drop.rate",
+    "drop_beta_a": "drop.beta_a", "drop_beta_b": "drop.beta_b", "drop_max_rate": "drop.max_rate",
+    "drop_ramp_start": "drop.ramp_start", "drop_ramp_steps": "drop.ramp_steps",
+    "open_sequences": "packing.open_sequences", "pack_buffer": "packing.buffer_size",
+    "source_weights": "sources.weights", "resampled": "sources.resampled", "steps_per_epoch": "sources.steps_per_epoch",
+    "allow_pipe": "sources.allow_pipe", "shard_kind": "sources.shard_kind",
+}
+#: a value of the old key that differs from the new key's default
+OLD_VALUES = {"resolution": "sampled", "max_tokens_per_image": 32, "min_tokens_per_image": 8, "side_mean": 0.3,
+              "side_std": 0.2, "resolution_ramp_start_tokens": 4, "resolution_ramp_steps": 10, "drop": "beta",
+              "drop_rate": 0.2, "drop_beta_a": 2.0, "drop_beta_b": 3.0, "drop_max_rate": 0.4, "drop_ramp_start": 0.5,
+              "drop_ramp_steps": 7, "open_sequences": 3, "pack_buffer": 5, "source_weights": "1,2",
+              "resampled": True, "steps_per_epoch": 9, "allow_pipe": True, "shard_kind": "raw"}
+
+
+def resolve(cfg: Config, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("old", sorted(OLD_DATA_KEYS))
+def test_moved_key_names_its_new_path(old, tmp_path):
+    message = f"config key data.{old} moved to data.{OLD_DATA_KEYS[old]}"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [f"data.{old}={OLD_VALUES[old]}"])
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"data": {old: OLD_VALUES[old]}}))
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(path)
+    # the new path takes the value
+    assert resolve(load_config(None, [f"data.{OLD_DATA_KEYS[old]}={OLD_VALUES[old]}"]).data, OLD_DATA_KEYS[old]) \
+        == OLD_VALUES[old]
+
+
+def test_moved_keys_table_is_complete():
+    from navit_clip.config import DataConfig
+
+    assert DataConfig.moved_keys == OLD_DATA_KEYS
+
+
+def test_config_saved_by_an_earlier_version_still_loads():
+    """Runs saved before the data keys moved (checkpoints, config.json) read them at the new paths."""
+    old = config_to_dict(Config())
+    for section in ("resolution", "drop", "packing", "sources"):
+        del old["data"][section]
+    old["data"].update(OLD_VALUES)
+    cfg = config_from_dict(Config, old).validate()
+    for name, new in OLD_DATA_KEYS.items():
+        assert resolve(cfg.data, new) == OLD_VALUES[name], new
+
+
+def choice_fields(cls=Config, prefix=""):
+    """(key, allowed values) of every field typed as a list of choices."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            yield from choice_fields(hint, f"{key}.")
+        elif typing.get_origin(hint) is typing.Literal:
+            yield key, typing.get_args(hint)
+
+
+CHOICE_FIELDS = dict(choice_fields())
+
+
+def test_every_choice_list_is_typed():
+    assert set(CHOICE_FIELDS) == {
+        "model.vision.attention", "model.vision.posemb", "model.vision.posemb_coords", "model.vision.posemb_combine",
+        "model.vision.pooling", "model.loss", "data.resolution.mode", "data.drop.kind", "data.sources.shard_kind",
+        "train.precision", "eval.templates"}
+
+
+@pytest.mark.parametrize("key", sorted(CHOICE_FIELDS))
+def test_bad_choice_names_key_and_allowed_values(key):
+    allowed = CHOICE_FIELDS[key]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}=nonsense"])
+    assert str(info.value) == f"config key {key} must be one of {', '.join(allowed)}, got 'nonsense'"
+    for value in allowed:  # and every listed choice is accepted
+        assert resolve(load_config(None, [f"{key}={value}"]), key) == value
+
+
+def test_reference_attention_is_not_a_user_choice():
+    """It is the plain oracle the tests check the other backends against, too slow to train with."""
+    from navit_clip.model.attention import get_attend, reference_attend
+
+    assert "reference" not in CHOICE_FIELDS["model.vision.attention"]
+    with pytest.raises(ConfigError, match="model.vision.attention"):
+        load_config(None, ["model.vision.attention=reference"])
+    assert get_attend("reference").attend is not None and callable(reference_attend)

@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from navit_clip.data.dropping import DropPolicy
-from navit_clip.data.loader import PackedStream, StreamSpec, make_loader
+from navit_clip.data.loader import PackedStream, make_loader
 from navit_clip.data.shards import SKIP_REASONS, ShardError, expand_shards, skip_counts
+from navit_clip.data.spec import StreamSpec
 
-from conftest import write_tar
+from conftest import stream_from_config, write_tar
 from processes import free_port, spawn_and_wait
 
 
@@ -78,11 +79,13 @@ def bad_shard_set(tmp_path_factory) -> tuple[str, list[str]]:
     return str(directory / "mixed-{000000..000003}.tar"), good
 
 
-def spec_for(shards: str, **overrides) -> StreamSpec:
-    spec = StreamSpec(shards=shards, patch_size=16, max_side=16, text_len=12, seq_len=64, max_images=6,
-                      sequences_per_batch=2, max_tokens=32, min_tokens=4, shuffle_buffer=4, loop=False,
-                      pack_buffer=8)
-    return replace(spec, **overrides)
+BASE = ["model.vision.patch_size=16", "model.vision.max_grid_side=16", "model.text.context_length=12",
+        "data.seq_len=64", "data.max_images=6", "data.sequences_per_batch=2", "data.resolution.max_tokens=32",
+        "data.resolution.min_tokens=4", "data.shuffle_buffer=4", "data.packing.buffer_size=8"]
+
+
+def spec_for(shards: str, *overrides: str, **fields) -> StreamSpec:
+    return stream_from_config(shards, [*BASE, *overrides], **{"loop": False, **fields})
 
 
 def keys_of(batches) -> list[str]:
@@ -136,26 +139,27 @@ def test_pipe_shards_refused_unless_allowed(tmp_path):
 
 def test_weighted_sources_single_pass_reads_each_once(bad_shard_set, tiny_shards):
     shards, good = bad_shard_set
-    spec = spec_for(f"{shards} ; {tiny_shards.spec}", source_weights="3,1")
+    spec = spec_for(f"{shards} ; {tiny_shards.spec}", "data.sources.weights=3,1")
     keys = keys_of(PackedStream(spec))
     assert sorted(keys) == sorted(good + list(tiny_shards.keys))
 
 
 def test_weighted_sources_resampled_mix(bad_shard_set, tiny_shards):
     shards, good = bad_shard_set
-    spec = spec_for(f"{shards};{tiny_shards.spec}", source_weights="0.8,0.2", loop=True, resampled=True)
+    spec = spec_for(f"{shards};{tiny_shards.spec}", "data.sources.weights=0.8,0.2", "data.sources.resampled=true",
+                    loop=True)
     keys = keys_of(itertools.islice(iter(PackedStream(spec)), 60))
     share = sum(k.startswith("s") for k in keys) / len(keys)
     assert 0.7 < share < 0.9, share
-    with pytest.raises(ShardError, match="source_weights"):
-        PackedStream(replace(spec, source_weights="1,2,3"))
+    with pytest.raises(ShardError, match="sources.weights"):
+        PackedStream(replace(spec, sources=replace(spec.sources, weights="1,2,3")))
     with pytest.raises(ValueError, match="single pass"):
         PackedStream(replace(spec, loop=False))
 
 
 def test_resampled_stream_is_seeded_and_epoch_aware(bad_shard_set):
     shards, _ = bad_shard_set
-    spec = spec_for(shards, loop=True, resampled=True, steps_per_epoch=3)
+    spec = spec_for(shards, "data.sources.resampled=true", "data.sources.steps_per_epoch=3", loop=True)
     a = keys_of(itertools.islice(iter(PackedStream(spec)), 9))
     b = keys_of(itertools.islice(iter(PackedStream(spec)), 9))
     assert a == b
@@ -167,7 +171,8 @@ def test_resampled_stream_is_seeded_and_epoch_aware(bad_shard_set):
 
 
 def test_dropping_in_stream_keeps_grid_and_true_coords(tiny_shards):
-    spec = spec_for(tiny_shards.spec, drop=DropPolicy(kind="constant", rate=0.5), max_tokens=32, shuffle_buffer=0)
+    spec = spec_for(tiny_shards.spec, "data.drop.kind=constant", "data.drop.rate=0.5", "data.resolution.max_tokens=32",
+                    shuffle_buffer=0)
     full = {k: b for b in PackedStream(replace(spec, drop=DropPolicy())) for k in keys_of([b])}
     for batch in PackedStream(spec):
         for s, keys in enumerate(batch.keys):
@@ -232,7 +237,7 @@ def test_ranks_never_wait_on_each_other(bad_shard_set, tiny_shards, tmp_path):
 def test_jpeg_decoded_small_but_sized_from_native(tmp_path):
     """A large JPEG is decoded at a reduced size, yet its grid is the one of its native size, and
     its patches are close to those of a full decode + resize."""
-    from navit_clip.data.loader import patch_image
+    from navit_clip.data.patches import patch_image
     from navit_clip.data.resolution import ResolutionPolicy, fit_grid
     from navit_clip.data.shards import ReadStats, ShardSplit, read_samples
 
@@ -243,7 +248,7 @@ def test_jpeg_decoded_small_but_sized_from_native(tmp_path):
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     big = buffer.getvalue()
     path = write_tar(tmp_path / "jpeg.tar", [("big.jpg", big), ("big.txt", b"a large photo")])
-    spec = spec_for(path, max_tokens=256, max_side=16, seq_len=256)
+    spec = spec_for(path, "data.resolution.max_tokens=256", "model.vision.max_grid_side=16", "data.seq_len=256")
     batch = next(iter(PackedStream(spec)))
     assert tuple(batch.grid[0, 0].tolist()) == fit_grid(1500, 1000, 16, 256, 16) == (11, 16)
     stream = PackedStream(spec)
@@ -264,8 +269,9 @@ def test_resume_replays_resampled_dropped_sampled_stream(bad_shard_set, num_work
     from navit_clip.data.loader import ResumableBatches
 
     shards, _ = bad_shard_set
-    spec = spec_for(shards, loop=True, resampled=True, steps_per_epoch=3, resolution="side_normal",
-                    drop=DropPolicy(kind="beta", beta_a=2, beta_b=5, max_rate=0.5), pack_buffer=8)
+    spec = spec_for(shards, "data.sources.resampled=true", "data.sources.steps_per_epoch=3",
+                    "data.resolution.mode=side_normal", "data.drop.kind=beta", "data.drop.beta_a=2",
+                    "data.drop.beta_b=5", "data.drop.max_rate=0.5", "data.packing.buffer_size=8", loop=True)
     reference = list(itertools.islice(ResumableBatches(make_loader(spec, num_workers=num_workers)), 7))
     resumed = ResumableBatches(make_loader(spec, num_workers=num_workers), state={"batches": 4})
     for expected in reference[4:]:
@@ -293,8 +299,8 @@ def test_training_metrics_log_skips_by_reason(bad_shard_set, tmp_path):
     args = ["train", "model.vision.patch_size=16", "model.vision.width=32", "model.vision.depth=1",
             "model.vision.heads=2", "model.vision.max_grid_side=16", "model.text.width=32", "model.text.depth=1",
             "model.text.heads=2", "model.text.context_length=12", "model.embed_dim=32", "data.seq_len=64",
-            "data.max_images=6", "data.sequences_per_batch=2", "data.max_tokens_per_image=32",
-            "data.min_tokens_per_image=4", "data.num_workers=1", "data.shuffle_buffer=4", "data.pack_buffer=8",
+            "data.max_images=6", "data.sequences_per_batch=2", "data.resolution.max_tokens=32",
+            "data.resolution.min_tokens=4", "data.num_workers=1", "data.shuffle_buffer=4", "data.packing.buffer_size=8",
             f"data.train_shards={shards}", f"data.eval_shards={shards}", f"train.out_dir={out}", "train.steps=6",
             "train.log_every=2", "train.ckpt_every=100", "optim.warmup_steps=1"]
     proc = subprocess.run([sys.executable, "-m", "navit_clip", *args], capture_output=True, text=True, timeout=600,
@@ -307,12 +313,24 @@ def test_training_metrics_log_skips_by_reason(bad_shard_set, tmp_path):
     assert set(last["skipped_by_reason"]) <= set(EXPECTED_SKIPS)
     # 20 good samples and 6 steps of ~6 images: the reader has been through every shard
     assert set(last["skipped_by_reason"]) == set(EXPECTED_SKIPS)
+    # the stream the run trained on (saved with its checkpoint) is the one `stream_spec` builds
+    from dataclasses import asdict
+
+    from navit_clip.config import Config, config_from_dict
+    from navit_clip.data.spec import stream_spec
+    from navit_clip.train.checkpoint import load_model_state
+
+    _, client = load_model_state(out / "checkpoints")
+    expected = asdict(stream_spec(config_from_dict(Config, client["config"])))
+    assert {k: client["data"]["stream"][k] for k in expected if k != "shards"} == \
+        {k: v for k, v in expected.items() if k != "shards"}
 
 
-@pytest.mark.parametrize("override, key", [("data.drop=sometimes", "data.drop"), ("data.drop_rate=1.2", "data.drop_rate"),
-                                           ("data.resolution=random", "data.resolution"),
-                                           ("data.shard_kind=zip", "data.shard_kind"),
-                                           ("data.pack_buffer=-1", "data.pack_buffer")])
+@pytest.mark.parametrize("override, key", [("data.drop.kind=sometimes", "data.drop.kind"),
+                                           ("data.drop.rate=1.2", "data.drop.rate"),
+                                           ("data.resolution.mode=random", "data.resolution.mode"),
+                                           ("data.sources.shard_kind=zip", "data.sources.shard_kind"),
+                                           ("data.packing.buffer_size=-1", "data.packing.buffer_size")])
 def test_bad_data_config_names_key(override, key):
     from navit_clip.config import ConfigError, load_config
 
@@ -321,13 +339,42 @@ def test_bad_data_config_names_key(override, key):
 
 
 def test_config_reaches_the_stream():
-    from navit_clip.config import load_config
-    from navit_clip.train.loop import train_stream_spec
+    from navit_clip.config import PackingConfig, SourcesConfig, load_config
+    from navit_clip.data.resolution import ResolutionPolicy
+    from navit_clip.data.spec import stream_spec
 
-    cfg = load_config(None, ["data.drop=beta", "data.drop_beta_a=2", "data.resolution=side_normal",
-                             "data.side_mean=0.3", "data.pack_buffer=128", "data.resampled=true",
-                             "data.steps_per_epoch=50", "data.source_weights=0.7,0.3"])
-    spec = train_stream_spec(cfg)
+    cfg = load_config(None, ["data.drop.kind=beta", "data.drop.beta_a=2", "data.resolution.mode=side_normal",
+                             "data.resolution.side_mean=0.3", "data.packing.buffer_size=128",
+                             "data.sources.resampled=true", "data.sources.steps_per_epoch=50",
+                             "data.sources.weights=0.7,0.3", "model.vision.patch_size=16", "train.seed=3"])
+    spec = stream_spec(cfg)
     assert spec.drop == DropPolicy(kind="beta", beta_a=2.0, beta_b=1.0, max_rate=0.5, min_tokens=16, max_tokens=64)
-    assert (spec.resolution, spec.side_mean, spec.pack_buffer, spec.resampled, spec.steps_per_epoch,
-            spec.source_weights) == ("side_normal", 0.3, 128, True, 50, "0.7,0.3")
+    assert spec.resolution == ResolutionPolicy(patch_size=16, max_tokens=64, max_side=32, mode="side_normal",
+                                               min_tokens=16, side_mean=0.3)
+    assert spec.packing == PackingConfig(open_sequences=8, buffer_size=128)
+    assert spec.sources == SourcesConfig(weights="0.7,0.3", resampled=True, steps_per_epoch=50)
+    assert (spec.shards, spec.seq_len, spec.max_images, spec.sequences_per_batch, spec.text_len, spec.seed,
+            spec.loop) == (cfg.data.train_shards, 256, 16, 4, 32, 3, True)
+    # the spec holds copies: changing the config afterwards does not change a built stream
+    cfg.data.sources.weights = "1,1"
+    assert spec.sources.weights == "0.7,0.3"
+
+
+def test_every_resolution_and_drop_key_reaches_its_policy():
+    """A knob has one name from YAML to the code: each key of data.resolution and data.drop is a
+    field of the policy it configures, and a changed value arrives there unchanged."""
+    from dataclasses import fields
+
+    from navit_clip.config import DropConfig, ResolutionConfig, load_config
+    from navit_clip.data.spec import stream_spec
+
+    changed = {"resolution": {"mode": "sampled", "max_tokens": 65, "min_tokens": 8, "side_mean": 0.25,
+                              "side_std": 0.125, "ramp_start_tokens": 1, "ramp_steps": 1},
+               "drop": {"kind": "constant", "rate": 0.25, "beta_a": 0.5, "beta_b": 0.5, "max_rate": 0.25,
+                        "ramp_start": 0.5, "ramp_steps": 1}}
+    for section, config_cls in (("resolution", ResolutionConfig), ("drop", DropConfig)):
+        assert set(changed[section]) == {f.name for f in fields(config_cls)}  # every key is covered
+        for name, value in changed[section].items():
+            assert value != getattr(config_cls(), name)
+            spec = stream_spec(load_config(None, [f"data.{section}.{name}={value}"]))
+            assert getattr(getattr(spec, section), name) == value, f"data.{section}.{name}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,8 @@ def test_zero3_checkpoint_has_the_full_model_for_eval_and_export(runs, tmp_path)
     assert moved < 1e-3, f"ZeRO-3 weights differ from ZeRO-0 ones by {moved}"
 
     from navit_clip import cli
-    from navit_clip.data.loader import PackedStream, StreamSpec
+    from navit_clip.data.loader import PackedStream
+    from navit_clip.data.spec import evaluation_spec
     from navit_clip.export import load_image_encoder
 
     assert cli.main(["eval", "--run", str(runs["zero3"]), "--shards", str(runs["eval_shards"]),
@@ -173,11 +175,7 @@ def test_zero3_checkpoint_has_the_full_model_for_eval_and_export(runs, tmp_path)
     encoder = load_image_encoder(tmp_path / "encoder")
     model, cfg, step = load_trained_model(runs["zero3"])
     assert step == STEPS
-    d = cfg.data
-    spec = StreamSpec(shards=str(runs["eval_shards"]), patch_size=cfg.model.vision.patch_size,
-                      max_side=cfg.model.vision.max_grid_side, text_len=cfg.model.text.context_length,
-                      seq_len=d.seq_len, max_images=d.max_images, sequences_per_batch=2,
-                      max_tokens=d.max_tokens_per_image, shuffle_buffer=0, loop=False)
+    spec = replace(evaluation_spec(cfg, str(runs["eval_shards"])), sequences_per_batch=2)
     batch = next(iter(PackedStream(spec)))
     with torch.no_grad():
         torch.testing.assert_close(encoder(batch), model.encode_image_slots(batch)[batch.valid.flatten()],

@@ -41,7 +41,7 @@ def test_constant_beta_resolution_rates():
 
 
 def test_rate_schedule_over_steps():
-    policy = DropPolicy("constant", rate=0.4, start_scale=0.0, ramp_steps=100)
+    policy = DropPolicy("constant", rate=0.4, ramp_start=0.0, ramp_steps=100)
     rng = np.random.default_rng(0)
     assert [policy.rate_for(50, rng, step) for step in (0, 50, 100, 500)] == pytest.approx([0.0, 0.2, 0.4, 0.4])
 

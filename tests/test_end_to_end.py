@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from navit_clip.data.digits import make_digit_shards
-from navit_clip.data.loader import PackedStream, StreamSpec
+from navit_clip.data.loader import PackedStream
+from navit_clip.data.spec import evaluation_spec
 from navit_clip.train.checkpoint import latest_tag, load_model_state, load_trained_model
 from navit_clip.train.metrics import read_jsonl
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 # plateau (loss = ln(batch)) for well over 100 steps, which would make "it learns" untestable here.
 TINY = [
     "model.vision.depth=2", "model.text.depth=2", "data.seq_len=256", "data.max_images=16",
-    "data.sequences_per_batch=8", "data.max_tokens_per_image=64", "data.num_workers=1",
+    "data.sequences_per_batch=8", "data.resolution.max_tokens=64", "data.num_workers=1",
     "optim.warmup_steps=5", "optim.lr=1e-3", "train.log_every=4",
 ]
 
@@ -110,8 +111,7 @@ def test_train_resume_eval_export(digits, tmp_path):
 
     encoder = load_image_encoder(tmp_path / "encoder")
     model, cfg, _ = load_trained_model(run)
-    spec = StreamSpec(shards=digits["eval_shards"], patch_size=8, max_side=32, text_len=32, seq_len=256,
-                      max_images=16, sequences_per_batch=4, max_tokens=64, shuffle_buffer=0, loop=False)
+    spec = evaluation_spec(cfg, digits["eval_shards"])
     batch = next(iter(PackedStream(spec)))
     with torch.no_grad():
         expected = model.encode_image_slots(batch)[batch.valid.flatten()]

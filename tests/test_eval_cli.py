@@ -73,7 +73,7 @@ def test_run_dir_default_data_override_and_json(tmp_path, tiny_shards):
     cfg = Config()
     cfg.model = ModelConfig(vision=VisionConfig(patch_size=8, width=32, depth=1, heads=2, max_grid_side=32),
                             text=TextConfig(width=32, depth=1, heads=2, context_length=16), embed_dim=16)
-    cfg.data.seq_len, cfg.data.max_images, cfg.data.max_tokens_per_image = 96, 5, 40
+    cfg.data.seq_len, cfg.data.max_images, cfg.data.resolution.max_tokens = 96, 5, 40
     cfg.data.eval_shards = tiny_shards.spec
     torch.manual_seed(0)
     model = NaViTCLIP(cfg.validate().model)

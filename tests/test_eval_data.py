@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import make_tiny_image, png_bytes, write_tar
 from navit_clip.config import Config, ModelConfig, TextConfig, VisionConfig
-from navit_clip.data.loader import patch_image
 from navit_clip.data.packing import pack
+from navit_clip.data.patches import patch_image
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.data.shards import ReadStats
 from navit_clip.data.text import CaptionTokenizer
@@ -35,7 +35,7 @@ def towers():
     cfg = Config()
     cfg.model = ModelConfig(vision=VisionConfig(patch_size=4, width=32, depth=1, heads=2, max_grid_side=16),
                             text=TextConfig(width=32, depth=1, heads=2, context_length=16), embed_dim=16)
-    cfg.data.seq_len, cfg.data.max_images, cfg.eval.sequences_per_batch, cfg.data.max_tokens_per_image = 48, 4, 2, 24
+    cfg.data.seq_len, cfg.data.max_images, cfg.eval.sequences_per_batch, cfg.data.resolution.max_tokens = 48, 4, 2, 24
     model = NaViTCLIP(cfg.model).eval()
     with torch.no_grad():  # off the init, so that images and captions are told apart
         for p in model.parameters():

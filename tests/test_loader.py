@@ -14,21 +14,25 @@ import torch
 from PIL import Image
 
 from navit_clip.batch import PackedBatch
-from navit_clip.data.loader import PackedStream, ResumableBatches, StreamSpec, make_loader
+from navit_clip.data.loader import PackedStream, ResumableBatches, make_loader
 from navit_clip.data.patches import patchify, unpatchify
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.data.shards import ReadStats, ShardSplit, read_samples
+from navit_clip.data.spec import StreamSpec
 
-from conftest import write_tar
+from conftest import stream_from_config, write_tar
 
 SOT, EOT = 49406, 49407  # open_clip BPE start / end of text
 
 
-def base_spec(shards: str, **overrides) -> StreamSpec:
-    spec = StreamSpec(shards=shards, patch_size=16, max_side=8, text_len=16, seq_len=64, max_images=5,
-                      sequences_per_batch=2, max_tokens=24, min_tokens=4, resolution="native", open_sequences=3,
-                      shuffle_buffer=0, loop=False, seed=0)
-    return replace(spec, **overrides)
+BASE = ["model.vision.patch_size=16", "model.vision.max_grid_side=8", "model.text.context_length=16",
+        "data.seq_len=64", "data.max_images=5", "data.sequences_per_batch=2", "data.resolution.max_tokens=24",
+        "data.resolution.min_tokens=4", "data.resolution.mode=native", "data.packing.open_sequences=3",
+        "data.packing.buffer_size=0", "data.shuffle_buffer=0", "train.seed=0"]
+
+
+def base_spec(shards: str, *overrides: str, **fields) -> StreamSpec:
+    return stream_from_config(shards, [*BASE, *overrides], **{"loop": False, **fields})
 
 
 def batch_keys(batches) -> list[str]:
@@ -115,7 +119,7 @@ def test_loop_runs_past_one_epoch(tiny_shards):
 
 
 def test_same_seed_same_batches(tiny_shards):
-    spec = base_spec(tiny_shards.spec, loop=True, shuffle_buffer=8, resolution="sampled")
+    spec = base_spec(tiny_shards.spec, "data.resolution.mode=sampled", loop=True, shuffle_buffer=8)
     a = list(itertools.islice(iter(PackedStream(spec)), 8))
     b = list(itertools.islice(iter(PackedStream(spec)), 8))
     for x, y in zip(a, b):
@@ -125,13 +129,13 @@ def test_same_seed_same_batches(tiny_shards):
 
 
 def test_sampled_resolution_varies_sizes(tiny_shards):
-    spec = base_spec(tiny_shards.spec, loop=True, resolution="sampled", shuffle_buffer=0)
+    spec = base_spec(tiny_shards.spec, "data.resolution.mode=sampled", loop=True, shuffle_buffer=0)
     grids: dict[str, set] = {}
     for batch in itertools.islice(iter(PackedStream(spec)), 20):
         for s, keys in enumerate(batch.keys):
             for slot, key in enumerate(keys):
                 rows, cols = batch.grid[s, slot].tolist()
-                assert rows * cols <= spec.max_tokens
+                assert rows * cols <= spec.resolution.max_tokens
                 grids.setdefault(key, set()).add((rows, cols))
     big = [k for k, (w, h) in tiny_shards.sizes.items() if w * h >= 150 * 150]
     assert any(len(grids[k]) > 1 for k in big)
@@ -139,7 +143,7 @@ def test_sampled_resolution_varies_sizes(tiny_shards):
 
 @pytest.mark.parametrize("skip, take, num_workers", [(0, 4, 0), (3, 5, 0), (6, 3, 0), (3, 4, 2)])
 def test_resumable_batches_replays_and_skips(tiny_shards, skip, take, num_workers):
-    spec = base_spec(tiny_shards.spec, loop=True, shuffle_buffer=8, resolution="sampled")
+    spec = base_spec(tiny_shards.spec, "data.resolution.mode=sampled", loop=True, shuffle_buffer=8)
     fresh = ResumableBatches(make_loader(spec, num_workers=num_workers))
     reference = list(itertools.islice(fresh, skip + take))
     assert fresh.state_dict() == {"batches": skip + take}

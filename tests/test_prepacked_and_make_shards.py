@@ -15,17 +15,21 @@ import torch
 from PIL import Image
 
 from navit_clip.cli import main
-from navit_clip.data.loader import PackedStream, StreamSpec
+from navit_clip.data.loader import PackedStream
 from navit_clip.data.prepacked import write_packed_shards
 from navit_clip.data.shards import ReadStats, ShardSplit, read_samples
+from navit_clip.data.spec import StreamSpec
 
-from conftest import write_tar
+from conftest import stream_from_config, write_tar
 
 
-def spec_for(shards: str, **overrides) -> StreamSpec:
-    spec = StreamSpec(shards=shards, patch_size=16, max_side=8, text_len=16, seq_len=64, max_images=5,
-                      sequences_per_batch=2, max_tokens=24, min_tokens=4, shuffle_buffer=0, loop=False, pack_buffer=6)
-    return replace(spec, **overrides)
+BASE = ["model.vision.patch_size=16", "model.vision.max_grid_side=8", "model.text.context_length=16",
+        "data.seq_len=64", "data.max_images=5", "data.sequences_per_batch=2", "data.resolution.max_tokens=24",
+        "data.resolution.min_tokens=4", "data.packing.buffer_size=6", "data.shuffle_buffer=0"]
+
+
+def spec_for(shards: str, *overrides: str, **fields) -> StreamSpec:
+    return stream_from_config(shards, [*BASE, *overrides], **{"loop": False, **fields})
 
 
 def assert_same(a, b) -> None:
@@ -35,7 +39,7 @@ def assert_same(a, b) -> None:
 
 
 def test_prepacked_batches_equal_online_batches(tiny_shards, tmp_path):
-    spec = spec_for(tiny_shards.spec, resolution="sampled")
+    spec = spec_for(tiny_shards.spec, "data.resolution.mode=sampled")
     online = list(PackedStream(spec))
     paths = write_packed_shards(PackedStream(spec), str(tmp_path / "packed-%06d.tar"), sequences_per_shard=3)
     assert len(paths) >= 2
@@ -50,10 +54,7 @@ def test_prepacked_batches_equal_online_batches(tiny_shards, tmp_path):
 
 def test_pack_shards_cli_and_training_stream_reads_them(tiny_shards, tmp_path):
     out = tmp_path / "packed"
-    overrides = ["model.vision.patch_size=16", "model.vision.max_grid_side=8", "model.text.context_length=16",
-                 "data.seq_len=64", "data.max_images=5", "data.sequences_per_batch=2",
-                 "data.max_tokens_per_image=24", "data.min_tokens_per_image=4", "data.pack_buffer=6"]
-    assert main(["pack-shards", "--shards", tiny_shards.spec, "--out", str(out), "--per-shard", "4", *overrides]) == 0
+    assert main(["pack-shards", "--shards", tiny_shards.spec, "--out", str(out), "--per-shard", "4", *BASE]) == 0
     spec = spec_for(str(out) + "/")
     keys = [k for batch in PackedStream(spec) for seq in batch.keys for k in seq]
     assert sorted(keys) == sorted(tiny_shards.keys)
@@ -99,7 +100,8 @@ def test_prepacked_patch_size_mismatch_names_shard(tiny_shards, tmp_path):
     write_packed_shards(PackedStream(spec_for(tiny_shards.spec)), str(tmp_path / "p-%06d.tar"), 100)
     from navit_clip.data.shards import ShardError
     with pytest.raises(ShardError, match="p-000000.tar"):
-        list(PackedStream(spec_for(str(tmp_path / "p-000000.tar"), patch_size=8, max_side=16)))
+        list(PackedStream(spec_for(str(tmp_path / "p-000000.tar"), "model.vision.patch_size=8",
+                                   "model.vision.max_grid_side=16")))
 
 
 # --------------------------------------------------------------------------------- make-shards

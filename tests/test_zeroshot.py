@@ -9,7 +9,7 @@ import torch
 
 from navit_clip.config import Config, ModelConfig, TextConfig, VisionConfig
 from navit_clip.data.packing import pack
-from navit_clip.data.loader import to_patched
+from navit_clip.data.patches import to_patched
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.data.shards import ReadStats, ShardSplit, expand_shards, read_samples
 from navit_clip.data.text import CaptionTokenizer
@@ -26,14 +26,14 @@ def setup():
     cfg.model = ModelConfig(vision=VisionConfig(patch_size=8, width=32, depth=1, heads=2, max_grid_side=32),
                             text=TextConfig(width=32, depth=1, heads=2, context_length=16), embed_dim=16)
     cfg.data.seq_len, cfg.data.max_images, cfg.eval.sequences_per_batch = 96, 5, 2
-    cfg.data.max_tokens_per_image = 40
+    cfg.data.resolution.max_tokens = 40
     return NaViTCLIP(cfg.model).eval(), cfg.validate()
 
 
 def brute_force(model, cfg, shards, templates):
     """Every image alone in its own sequence, scored with the same classifier."""
     classifier = text_classifier(model, CLASSES, templates, torch.device("cpu"))
-    policy = ResolutionPolicy(patch_size=8, max_tokens=cfg.data.max_tokens_per_image, max_side=32)
+    policy = ResolutionPolicy(patch_size=8, max_tokens=cfg.data.resolution.max_tokens, max_side=32)
     tokenizer = CaptionTokenizer(16)
     top1 = top5 = n = 0
     for sample in read_samples(ShardSplit(tuple(expand_shards(shards))), ReadStats()):

@@ -26,12 +26,14 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image
 
+from navit_clip.config import load_config
 from navit_clip.data.dropping import DropPolicy
-from navit_clip.data.loader import PackedStream, StreamSpec
+from navit_clip.data.loader import PackedStream
 from navit_clip.data.packing import PatchedImage, StreamingPacker
 from navit_clip.data.prepacked import write_packed_shards
 from navit_clip.data.resolution import ResolutionPolicy, fit_grid
 from navit_clip.data.shards import write_shards
+from navit_clip.data.spec import stream_spec
 from size_csv import read_sizes
 
 
@@ -115,10 +117,13 @@ def count_images(stream: PackedStream) -> int:
 def speed(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         shard, count = make_raw_shard(directory, sizes, args.images, args.seed)
-        spec = StreamSpec(shards=shard, patch_size=args.patch_size, max_side=10_000, text_len=32, seq_len=args.seq_len,
-                          max_images=args.max_images, sequences_per_batch=8, max_tokens=args.max_tokens,
-                          loop=False, shuffle_buffer=0, pack_buffer=64,
-                          drop=DropPolicy(kind="beta", beta_a=1, beta_b=4, max_rate=0.5))
+        cfg = load_config(None, [f"model.vision.patch_size={args.patch_size}", "model.vision.max_grid_side=10000",
+                                 "model.text.context_length=32", f"data.seq_len={args.seq_len}",
+                                 f"data.max_images={args.max_images}", "data.sequences_per_batch=8",
+                                 f"data.resolution.max_tokens={args.max_tokens}", "data.resolution.min_tokens=1",
+                                 "data.packing.buffer_size=64", "data.drop.kind=beta", "data.drop.beta_a=1",
+                                 "data.drop.beta_b=4", "data.drop.max_rate=0.5"])
+        spec = replace(stream_spec(cfg), shards=shard, loop=False, shuffle_buffer=0)
         packed_dir = os.path.join(directory, "packed")
         write_packed_shards(PackedStream(spec), os.path.join(packed_dir, "packed-%06d.tar"), 64)
         packed_spec = replace(spec, shards=packed_dir + "/")

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from navit_clip.data.loader import PackedStream, StreamSpec  # noqa: E402
+from navit_clip.data.loader import PackedStream  # noqa: E402
+from navit_clip.data.spec import evaluation_spec  # noqa: E402
 
 
 def main() -> int:
@@ -34,11 +35,7 @@ def main() -> int:
     encoder = load_image_encoder(args.export)
     load_s = time.perf_counter() - start
     model, cfg, step = load_trained_model(args.run)
-    d = cfg.data
-    spec = StreamSpec(shards=d.eval_shards, patch_size=cfg.model.vision.patch_size, max_side=cfg.model.vision.max_grid_side,
-                      text_len=cfg.model.text.context_length, seq_len=d.seq_len, max_images=d.max_images,
-                      sequences_per_batch=cfg.eval.sequences_per_batch, max_tokens=d.max_tokens_per_image,
-                      shuffle_buffer=0, loop=False)
+    spec = evaluation_spec(cfg)
     program = export_program(encoder, num_sequences=cfg.eval.sequences_per_batch).module()
     worst_export = worst_program = 0.0
     seen = traced_images = 0

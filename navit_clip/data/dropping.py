@@ -11,9 +11,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from navit_clip.config import DROP_KINDS, DropKind
 from navit_clip.data.packing import PatchedImage
-
-DROP_KINDS = ("none", "constant", "beta", "resolution")
 
 
 @dataclass(frozen=True)
@@ -23,18 +22,20 @@ class DropPolicy:
     none: keep everything. constant: `rate`. beta: a rate drawn from Beta(beta_a, beta_b), scaled
     to [0, max_rate]. resolution: the rate grows linearly with the image's token count, from 0 at
     `min_tokens` to `rate` at `max_tokens` (large images lose more, small ones stay whole).
-    The rate is multiplied by a linear ramp from `start_scale` at step 0 to 1 at `ramp_steps`, so
+    The rate is multiplied by a linear ramp from `ramp_start` at step 0 to 1 at `ramp_steps`, so
     a run can start without dropping and reach the full rate later (or the reverse).
+
+    All fields but min_tokens and max_tokens (data.resolution's) are the keys of `data.drop`.
     """
 
-    kind: str = "none"
+    kind: DropKind = "none"
     rate: float = 0.0
     beta_a: float = 1.0
     beta_b: float = 1.0
     max_rate: float = 0.5
     min_tokens: int = 1
     max_tokens: int = 256
-    start_scale: float = 1.0
+    ramp_start: float = 1.0
     ramp_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -48,7 +49,7 @@ class DropPolicy:
     def scale_at(self, step: int) -> float:
         if self.ramp_steps <= 0 or step >= self.ramp_steps:
             return 1.0
-        return self.start_scale + (1.0 - self.start_scale) * step / self.ramp_steps
+        return self.ramp_start + (1.0 - self.ramp_start) * step / self.ramp_steps
 
     def rate_for(self, num_tokens: int, rng: np.random.Generator, step: int = 0) -> float:
         """The drop rate of one image with `num_tokens` patches at training step `step`."""

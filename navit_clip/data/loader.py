@@ -13,59 +13,24 @@ import itertools
 import logging
 import signal
 from collections import Counter
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator, TypeVar
+from dataclasses import asdict, replace
+from typing import Iterator, TypeVar
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from navit_clip.batch import PackedBatch
-from navit_clip.data.dropping import DropPolicy, apply_dropping
+from navit_clip.config import SHARD_KINDS
+from navit_clip.data.dropping import apply_dropping
 from navit_clip.data.packing import PatchedImage, StreamingPacker
-from navit_clip.data.patches import patchify
+from navit_clip.data.patches import to_patched
 from navit_clip.data.prepacked import BadSequence, decode_sequence, group, sequences_to_batch, shard_holds_packed
-from navit_clip.data.resolution import ResolutionPolicy, fit_grid
 from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
                                     parse_weights, read_raw, read_samples, split_shards, split_sources)
+from navit_clip.data.spec import StreamSpec
 from navit_clip.data.text import CaptionTokenizer
 
-if TYPE_CHECKING:
-    from navit_clip.config import Config
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """Everything one packed stream needs; built from the config by `stream_spec`."""
-
-    shards: str  # one shard spec, or several sources separated by ";"
-    patch_size: int
-    max_side: int
-    text_len: int
-    seq_len: int
-    max_images: int
-    sequences_per_batch: int
-    max_tokens: int
-    min_tokens: int = 1
-    resolution: str = "native"
-    open_sequences: int = 8
-    shuffle_buffer: int = 0  # 0 = keep shard order (evaluation)
-    loop: bool = True  # endless epochs (training) or a single pass (evaluation)
-    seed: int = 0
-    max_image_pixels: int = 64_000_000
-    pack_buffer: int = 0  # lookahead examples of the best-fit packer (0 = place on arrival)
-    source_weights: str = ""  # "0.7,0.3": share of each ";"-separated source
-    resampled: bool = False  # draw shards with replacement (endless, no per-rank split)
-    steps_per_epoch: int = 0  # resampled: batches per epoch on every rank (0 = one endless epoch)
-    allow_pipe: bool = False
-    shard_kind: str = "auto"  # auto | raw | packed
-    side_mean: float = 0.5
-    side_std: float = 0.25
-    ramp_start_tokens: int = 0
-    ramp_steps: int = 0
-    drop: DropPolicy = DropPolicy()
 
 
 T = TypeVar("T")
@@ -88,53 +53,10 @@ def shuffled(items: Iterator[T], buffer: int, rng: np.random.Generator) -> Itera
     yield from pool
 
 
-def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray,
-                rng: np.random.Generator | None = None, step: int = 0,
-                native_size: tuple[int, int] | None = None) -> PatchedImage:
-    """Size an RGB image by the policy (from its native size if it was decoded smaller) and cut
-    it into patches."""
-    rows, cols = policy.grid_for(*(native_size or image.size), rng=rng, step=step)
-    patches, coords = patchify(image, rows, cols, policy.patch_size)
-    return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
-
-
-def to_patched(sample: Sample, policy: ResolutionPolicy, tokenizer: CaptionTokenizer,
-               rng: np.random.Generator | None, step: int = 0) -> PatchedImage:
-    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng, step,
-                       sample.native_size)
-
-
-def draft_size(policy: ResolutionPolicy, width: int, height: int) -> tuple[int, int]:
-    """The pixel size of the largest grid the policy can pick for an image: JPEGs are decoded
-    straight to a reduced size no smaller than it."""
-    rows, cols = fit_grid(width, height, policy.patch_size, policy.max_tokens, policy.max_side)
-    return cols * policy.patch_size, rows * policy.patch_size
-
-
 @functools.lru_cache(maxsize=4)
 def cached_tokenizer(context_length: int) -> CaptionTokenizer:
     """Building the BPE tables takes ~0.2 s: once per process, not once per stream or epoch."""
     return CaptionTokenizer(context_length)
-
-
-def resolution_policy(spec: StreamSpec) -> ResolutionPolicy:
-    return ResolutionPolicy(patch_size=spec.patch_size, max_tokens=spec.max_tokens, max_side=spec.max_side,
-                            mode=spec.resolution, min_tokens=spec.min_tokens, side_mean=spec.side_mean,
-                            side_std=spec.side_std, ramp_start_tokens=spec.ramp_start_tokens,
-                            ramp_steps=spec.ramp_steps)
-
-
-def extra_stream_fields(cfg: "Config") -> dict:
-    """StreamSpec fields of the packer lookahead, sources, resampling, resolution sampling and
-    token dropping, read from the data config (the training loop adds them to its spec)."""
-    d = cfg.data
-    drop = DropPolicy(kind=d.drop, rate=d.drop_rate, beta_a=d.drop_beta_a, beta_b=d.drop_beta_b,
-                      max_rate=d.drop_max_rate, min_tokens=d.min_tokens_per_image,
-                      max_tokens=d.max_tokens_per_image, start_scale=d.drop_ramp_start, ramp_steps=d.drop_ramp_steps)
-    return dict(pack_buffer=d.pack_buffer, source_weights=d.source_weights, resampled=d.resampled,
-                steps_per_epoch=d.steps_per_epoch, allow_pipe=d.allow_pipe, shard_kind=d.shard_kind,
-                side_mean=d.side_mean, side_std=d.side_std, ramp_start_tokens=d.resolution_ramp_start_tokens,
-                ramp_steps=d.resolution_ramp_steps, drop=drop)
 
 
 class PackedStream(IterableDataset):
@@ -150,23 +72,23 @@ class PackedStream(IterableDataset):
         super().__init__()
         self.spec = spec
         self.rank, self.world = rank, world
-        self.sources = [expand_shards(source, spec.allow_pipe) for source in split_sources(spec.shards)]
-        self.weights = parse_weights(spec.source_weights, len(self.sources))
+        self.sources = [expand_shards(source, spec.sources.allow_pipe) for source in split_sources(spec.shards)]
+        self.weights = parse_weights(spec.sources.weights, len(self.sources))
         self.shards = [path for source in self.sources for path in source]
         self.kind = self._shard_kind()
-        if spec.resampled and self.kind == "packed":
-            raise ShardError("data.resampled reads raw shards; pre-packed shards are read in epochs "
-                             "(set data.resampled=false)")
-        if spec.resampled and not spec.loop:
+        if spec.sources.resampled and self.kind == "packed":
+            raise ShardError("data.sources.resampled reads raw shards; pre-packed shards are read in epochs "
+                             "(set data.sources.resampled=false)")
+        if spec.sources.resampled and not spec.loop:
             raise ValueError("a resampled stream is endless; it cannot be read as a single pass (loop=False)")
 
     def draft(self, width: int, height: int) -> tuple[int, int]:
-        return draft_size(resolution_policy(self.spec), width, height)
+        return self.spec.resolution.draft_size(width, height)
 
     def _shard_kind(self) -> str:
-        kind = self.spec.shard_kind
-        if kind not in ("auto", "raw", "packed"):
-            raise ShardError(f"data.shard_kind must be auto, raw or packed, got {kind!r}")
+        kind = self.spec.sources.shard_kind
+        if kind not in SHARD_KINDS:
+            raise ShardError(f"data.sources.shard_kind must be one of {', '.join(SHARD_KINDS)}, got {kind!r}")
         if kind != "auto":
             return kind
         return "packed" if shard_holds_packed(self.shards[0]) else "raw"
@@ -181,16 +103,16 @@ class PackedStream(IterableDataset):
 
     def _epoch_quota(self, worker: int, num_workers: int) -> int | None:
         """Batches this worker yields per epoch in resampled mode (None: the epoch ends with the data)."""
-        spec = self.spec
-        if not spec.resampled or spec.steps_per_epoch <= 0:
+        sources = self.spec.sources
+        if not sources.resampled or sources.steps_per_epoch <= 0:
             return None
-        return spec.steps_per_epoch // num_workers + (worker < spec.steps_per_epoch % num_workers)
+        return sources.steps_per_epoch // num_workers + (worker < sources.steps_per_epoch % num_workers)
 
     def _epoch_samples(self, worker: int, num_workers: int, epoch: int, rng: np.random.Generator,
                        stats: ReadStats) -> Iterator[Sample]:
         """This reader's decoded samples for one epoch, shuffled and mixed across sources."""
         spec = self.spec
-        if spec.resampled:
+        if spec.sources.resampled:
             streams = [self._resampled(source, rng, stats) for source in self.sources]
             return shuffled(interleave(streams, self.weights, rng), spec.shuffle_buffer, rng)
         streams = []
@@ -221,11 +143,9 @@ class PackedStream(IterableDataset):
 
     def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         spec = self.spec
-        policy = resolution_policy(spec)
         tokenizer = cached_tokenizer(spec.text_len)
         packer = StreamingPacker(seq_len=spec.seq_len, max_images=spec.max_images,
-                                 sequences_per_batch=spec.sequences_per_batch, open_sequences=spec.open_sequences,
-                                 buffer_size=spec.pack_buffer)
+                                 sequences_per_batch=spec.sequences_per_batch, **asdict(spec.packing))
         stats = ReadStats()
         reported: Counter = Counter()
         yielded = 0
@@ -237,7 +157,7 @@ class PackedStream(IterableDataset):
 
             def prepare(sample: Sample) -> PatchedImage:
                 step = yielded * num_workers + worker
-                image = to_patched(sample, policy, tokenizer, rng, step)
+                image = to_patched(sample, spec.resolution, tokenizer, rng, step)
                 return apply_dropping(image, spec.drop, rng, step)
 
             in_epoch = 0

@@ -50,7 +50,7 @@ class _Sequence:
 def _check_fits(image: PatchedImage, seq_len: int) -> None:
     if image.num_tokens > seq_len:
         raise ValueError(f"image {image.key} has {image.num_tokens} patches, more than seq_len={seq_len}; "
-                         "lower data.max_tokens_per_image or raise data.seq_len")
+                         "lower data.resolution.max_tokens or raise data.seq_len")
     if image.num_tokens < 1:
         raise ValueError(f"image {image.key} has no patches")
 

@@ -1,10 +1,25 @@
-"""Resize an image to its patch grid and cut it into P×P patches, keeping each patch's (row, col)."""
+"""Resize an image to its patch grid and cut it into P×P patches, keeping each patch's (row, col).
+
+`patch_image` is the one path from an image to a packable example, shared by the training
+stream, evaluation and the exported encoder.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 from einops import rearrange
 from PIL import Image
+
+from navit_clip.data.packing import PatchedImage
+from navit_clip.data.resolution import ResolutionPolicy
+
+if TYPE_CHECKING:
+    from navit_clip.data.shards import Sample
+    from navit_clip.data.text import CaptionTokenizer
+
+NO_TEXT = np.zeros(1, dtype=np.int64)  # the caption of an image embedded without one
 
 
 def patchify(image: Image.Image, rows: int, cols: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -24,3 +39,20 @@ def unpatchify(patches: np.ndarray, rows: int, cols: int, patch_size: int, chann
     """Inverse of `patchify`: [rows*cols, P*P*C] -> [rows*P, cols*P, C] image array."""
     return rearrange(patches, "(h w) (p1 p2 c) -> (h p1) (w p2) c", h=rows, w=cols, p1=patch_size,
                      p2=patch_size, c=channels)
+
+
+def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray = NO_TEXT,
+                rng: np.random.Generator | None = None, step: int = 0,
+                native_size: tuple[int, int] | None = None) -> PatchedImage:
+    """Size an RGB image by the policy (from its native size if it was decoded smaller) and cut
+    it into patches."""
+    rows, cols = policy.grid_for(*(native_size or image.size), rng=rng, step=step)
+    patches, coords = patchify(image, rows, cols, policy.patch_size)
+    return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
+
+
+def to_patched(sample: Sample, policy: ResolutionPolicy, tokenizer: CaptionTokenizer,
+               rng: np.random.Generator | None, step: int = 0) -> PatchedImage:
+    """A decoded training sample, sized, patchified and with its caption tokenized."""
+    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng, step,
+                       sample.native_size)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from navit_clip.config import RESOLUTION_MODES, ResolutionMode
+
 
 def fit_grid(width: int, height: int, patch_size: int, max_tokens: int, max_side: int) -> tuple[int, int]:
     """(rows, cols) of the largest grid with rows*cols <= max_tokens, both sides <= max_side,
@@ -32,9 +34,6 @@ def fit_grid(width: int, height: int, patch_size: int, max_tokens: int, max_side
     return rows, cols
 
 
-RESOLUTION_MODES = ("native", "sampled", "side_uniform", "side_normal")
-
-
 @dataclass(frozen=True)
 class ResolutionPolicy:
     """How a size is picked per image.
@@ -48,12 +47,14 @@ class ResolutionPolicy:
 
     A per-step schedule: with `ramp_steps` > 0 the upper budget grows linearly from
     `ramp_start_tokens` at step 0 to max_tokens at step `ramp_steps` (low resolution first).
+
+    All fields but patch_size and max_side (the model's) are the keys of `data.resolution`.
     """
 
     patch_size: int
     max_tokens: int
     max_side: int
-    mode: str = "native"
+    mode: ResolutionMode = "native"
     min_tokens: int = 1
     side_mean: float = 0.5
     side_std: float = 0.25
@@ -94,3 +95,9 @@ class ResolutionPolicy:
     def grid_for(self, width: int, height: int, rng: np.random.Generator | None = None,
                  step: int = 0) -> tuple[int, int]:
         return fit_grid(width, height, self.patch_size, self.budget(rng, step), self.max_side)
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]:
+        """The pixel size of the largest grid the policy can pick for an image: JPEGs are decoded
+        straight to a reduced size no smaller than it."""
+        rows, cols = fit_grid(width, height, self.patch_size, self.max_tokens, self.max_side)
+        return cols * self.patch_size, rows * self.patch_size

@@ -89,7 +89,7 @@ def expand_shards(spec: str, allow_pipe: bool = False) -> list[str]:
             continue
         for item in braceexpand(part):
             if item.startswith("pipe:") and not allow_pipe:
-                raise ShardError(f"shard {item!r} is a pipe: command; set data.allow_pipe=true to run shell "
+                raise ShardError(f"shard {item!r} is a pipe: command; set data.sources.allow_pipe=true to run shell "
                                  "commands from shard specs")
             if "://" in item or item.startswith("pipe:"):
                 paths.append(item)  # remote shards: opened by webdataset's gopen when read
@@ -229,11 +229,11 @@ def parse_weights(weights: str, num_sources: int) -> list[float]:
     try:
         values = [float(w) for w in weights.split(",")]
     except ValueError as exc:
-        raise ShardError(f"data.source_weights {weights!r} must be comma-separated numbers") from exc
+        raise ShardError(f"data.sources.weights {weights!r} must be comma-separated numbers") from exc
     if len(values) != num_sources:
-        raise ShardError(f"data.source_weights has {len(values)} weights for {num_sources} shard sources")
+        raise ShardError(f"data.sources.weights has {len(values)} weights for {num_sources} shard sources")
     if any(v < 0 for v in values) or sum(values) <= 0:
-        raise ShardError(f"data.source_weights {weights!r} must be >= 0 with a positive sum")
+        raise ShardError(f"data.sources.weights {weights!r} must be >= 0 with a positive sum")
     return values
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from navit_clip.data.loader import patch_image
 from navit_clip.data.packing import StreamingPacker
+from navit_clip.data.patches import patch_image
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.data.shards import ReadStats
 from navit_clip.eval.datasets import EvalDataset
@@ -58,7 +57,6 @@ def embed_images(towers: Towers, dataset: EvalDataset, budget: int | None = None
     labels: list[int | None] = []
     captions: list[list[str]] = []
     keys: list[str] = []
-    no_text = np.zeros(1, dtype=np.int64)
 
     def patched():
         for item in dataset.read(stats):
@@ -66,7 +64,7 @@ def embed_images(towers: Towers, dataset: EvalDataset, budget: int | None = None
             keys.append(item.key)
             labels.append(item.label)
             captions.append(item.captions)
-            yield patch_image(str(index), item.image, policy, no_text)
+            yield patch_image(str(index), item.image, policy)
 
     rows: dict[int, torch.Tensor] = {}
     tokens, seconds = 0, 0.0

@@ -46,8 +46,8 @@ def from_training_model(model, cfg, device: torch.device | str = "cpu", name: st
                   context_length=cfg.model.text.context_length,
                   patch_size=cfg.model.vision.patch_size, max_side=cfg.model.vision.max_grid_side,
                   seq_len=cfg.data.seq_len, max_images=cfg.data.max_images,
-                  max_tokens_per_image=cfg.data.max_tokens_per_image, device=device, step=step, cfg=cfg,
-                  sequences_per_batch=cfg.eval.sequences_per_batch, open_sequences=cfg.data.open_sequences)
+                  max_tokens_per_image=cfg.data.resolution.max_tokens, device=device, step=step, cfg=cfg,
+                  sequences_per_batch=cfg.eval.sequences_per_batch, open_sequences=cfg.data.packing.open_sequences)
 
 
 def load_towers(path: str | Path, tag: str | None = None, device: torch.device | str = "cpu",

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from navit_clip.config import Config
+from navit_clip.config import TEMPLATE_SETS, Config
 from navit_clip.data.shards import expand_shards
 from navit_clip.data.text import CaptionTokenizer
 from navit_clip.eval.datasets import EvalDataset, navit_shards, read_lines
@@ -120,8 +120,8 @@ def load_task(shards: str, templates: str = "dataset") -> ZeroShotTask:
     info = json.loads(info_path.read_text())
     if "class_names" not in info:
         raise ValueError(f"{info_path} has no 'class_names'")
-    if templates not in ("dataset", "imagenet"):
-        raise ValueError(f"unknown template set {templates!r} (dataset or imagenet)")
+    if templates not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {templates!r} (one of {', '.join(TEMPLATE_SETS)})")
     dataset = navit_shards(shards)
     return ZeroShotTask(shards=shards, class_names=list(info["class_names"]),
                         templates=resolve_templates(templates, dataset), num_images=info.get("num_eval"))

@@ -17,6 +17,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from navit_clip.config import POOLINGS
+
 
 def slot_index(segment: torch.Tensor, max_images: int) -> torch.Tensor:
     """[S, L] slot ids -> [S, L] in 0..max_images, padding mapped to the scratch slot max_images."""
@@ -77,4 +79,4 @@ def build_pool(kind: str, *, dim: int, heads: int) -> nn.Module:
         return MaskedAttentionPool(dim=dim, heads=heads)
     if kind == "mean":
         return MaskedMeanPool()
-    raise ValueError(f"unknown pooling {kind!r} (model.vision.pooling: map or mean)")
+    raise ValueError(f"unknown pooling {kind!r} (model.vision.pooling: one of {', '.join(POOLINGS)})")

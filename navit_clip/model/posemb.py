@@ -31,9 +31,7 @@ import math
 import torch
 from torch import nn
 
-KINDS = ("learned", "sinusoidal", "fourier", "learned_2d")
-COORDS = ("absolute", "fractional")
-COMBINES = ("sum", "stack", "product")
+from navit_clip.config import POSEMB_COMBINES, POSEMB_COORDS
 
 
 def positions(coords: torch.Tensor, sides: torch.Tensor | None, *, max_side: int, coord_kind: str,
@@ -99,8 +97,9 @@ class FactorizedPosEmb(nn.Module):
         super().__init__()
         if kind not in ("learned", "sinusoidal", "fourier"):
             raise ValueError(f"unknown factorized position embedding kind {kind!r}")
-        if coords not in COORDS or combine not in COMBINES:
-            raise ValueError(f"position embedding coords must be one of {COORDS} and combine one of {COMBINES}")
+        if coords not in POSEMB_COORDS or combine not in POSEMB_COMBINES:
+            raise ValueError(f"position embedding coords must be one of {POSEMB_COORDS} and combine one of "
+                             f"{POSEMB_COMBINES}")
         self.max_side, self.kind, self.coord_kind, self.combine = max_side, kind, coords, combine
         self.axis_dim = dim // 2 if combine == "stack" else dim
         if combine == "stack" and dim % 2:
@@ -142,8 +141,8 @@ class LearnedPosEmb2D(nn.Module):
 
     def __init__(self, *, dim: int, max_side: int, coords: str = "absolute") -> None:
         super().__init__()
-        if coords not in COORDS:
-            raise ValueError(f"position embedding coords must be one of {COORDS}")
+        if coords not in POSEMB_COORDS:
+            raise ValueError(f"position embedding coords must be one of {POSEMB_COORDS}")
         self.max_side, self.coord_kind = max_side, coords
         self.table = nn.Parameter(torch.randn(max_side, max_side, dim) * 0.02)
 

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from navit_clip import dist
 from navit_clip.config import Config, ConfigError, config_to_dict
-from navit_clip.data.loader import ResumableBatches, StreamSpec, extra_stream_fields, make_loader
+from navit_clip.data.loader import ResumableBatches, make_loader
 from navit_clip.data.shards import SKIP_REASONS, expand_shards, skip_counts
+from navit_clip.data.spec import StreamSpec, stream_spec
 from navit_clip.loss import contrastive_loss
 from navit_clip.train.checkpoint import (latest_tag, load_rng_state, prune_checkpoints, save_model_file,
                                         save_rng_state, step_tag, tag_step, write_latest)
@@ -38,16 +39,6 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "NAVIT_CLIP_FAULT_NONFINITE"
 # A run whose loss stays non-finite this many steps (or micro-batches) in a row is broken, not unlucky.
 MAX_NONFINITE_IN_A_ROW = 20
-
-
-def train_stream_spec(cfg: Config) -> StreamSpec:
-    d, v = cfg.data, cfg.model.vision
-    return StreamSpec(shards=d.train_shards, patch_size=v.patch_size, max_side=v.max_grid_side,
-                      text_len=cfg.model.text.context_length, seq_len=d.seq_len, max_images=d.max_images,
-                      sequences_per_batch=d.sequences_per_batch, max_tokens=d.max_tokens_per_image,
-                      min_tokens=d.min_tokens_per_image, resolution=d.resolution, open_sequences=d.open_sequences,
-                      shuffle_buffer=d.shuffle_buffer, loop=True, seed=cfg.train.seed,
-                      max_image_pixels=d.max_image_pixels, **extra_stream_fields(cfg))
 
 
 @dataclass
@@ -152,8 +143,8 @@ def train(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"train.out_dir {out_dir} already holds checkpoints (latest: {step_tag(found_step)}); "
                           "set train.resume=true to continue that run or choose a new train.out_dir")
     start_step, data_state = 0, None
-    stream_spec = train_stream_spec(cfg)
-    stream_id = stream_identity(stream_spec, cfg)
+    spec = stream_spec(cfg)
+    stream_id = stream_identity(spec, cfg)
     if found_step >= 0:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=step_tag(found_step))
         if path is None:
@@ -171,7 +162,7 @@ def train(cfg: Config) -> dict[str, Any]:
     sizes = tower_sizes(engine.module)
     poison_step = fault_step(dist.rank())
 
-    batches = ResumableBatches(make_loader(stream_spec, rank=dist.rank(), world=dist.world_size(),
+    batches = ResumableBatches(make_loader(spec, rank=dist.rank(), world=dist.world_size(),
                                            num_workers=cfg.data.num_workers), data_state)
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=not dist.is_main(), desc="train", dynamic_ncols=True)
@@ -283,8 +274,8 @@ def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
     """What determines the data stream, saved with each checkpoint. The shard paths may move;
     their number, the sizes, the packing, seeds, ranks and workers may not."""
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k != "shards"}
-    return {**identity, "num_shards": len(expand_shards(spec.shards, spec.allow_pipe)), "world_size": dist.world_size(),
-            "num_workers": cfg.data.num_workers}
+    return {**identity, "num_shards": len(expand_shards(spec.shards, spec.sources.allow_pipe)),
+            "world_size": dist.world_size(), "num_workers": cfg.data.num_workers}
 
 
 def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:

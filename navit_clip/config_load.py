@@ -1,0 +1,142 @@
+"""Reading config values: YAML and `key.sub=value` overrides merged into the dataclasses of
+`navit_clip.config`, each value turned into its field's type (a `Literal` field accepts only
+its listed choices) or refused with an error that names the key.
+
+Generic over the dataclasses, so it knows no field by name; `navit_clip.config` re-exports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from navit_clip.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+def _coerce_choice(key: str, raw: Any, hint: Any) -> str:
+    allowed = typing.get_args(hint)
+    value = _coerce(key, raw, str)
+    if value not in allowed:
+        raise ConfigError(f"config key {key} must be one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def _coerce(key: str, raw: Any, hint: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce(key, raw, next(a for a in typing.get_args(hint) if a is not type(None)))
+    if origin is typing.Literal:
+        return _coerce_choice(key, raw, hint)
+    try:
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, int) and raw in (0, 1):
+                return bool(raw)
+            if isinstance(raw, str) and raw.lower() in {"true", "false", "1", "0", "yes", "no"}:
+                return raw.lower() in {"true", "1", "yes"}
+            raise ValueError
+        if hint is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if hint is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if hint is str:
+            if not isinstance(raw, (str, int, float)):
+                raise ValueError
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"config key {key} has a type navit-clip cannot read: {hint}")
+    raise ConfigError(f"config key {key} must be {getattr(hint, '__name__', hint)}, got {raw!r}")
+
+
+def moved_to(obj: Any, name: str, raw: Any) -> str | None:
+    """The new path (relative to `obj`) of a key that moved, from the class's `moved_keys` table;
+    a key that is now a section moved only when it is given a plain value."""
+    new = getattr(type(obj), "moved_keys", {}).get(name)
+    if new is None or (dataclasses.is_dataclass(getattr(obj, name, None)) and isinstance(raw, dict)):
+        return None
+    return new
+
+
+def _set_path(obj: Any, path: str, raw: Any, prefix: str) -> None:
+    *sections, name = path.split(".")
+    for section in sections:
+        obj, prefix = getattr(obj, section), f"{prefix}{section}."
+    merge(obj, {name: raw}, prefix)
+
+
+def merge(obj: Any, values: dict[str, Any], prefix: str = "", migrate: bool = False) -> None:
+    """Set `values` on the dataclass `obj`. A moved key is an error naming its new path, or with
+    `migrate` (configs saved by earlier runs) is set at that path."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, raw in values.items():
+        key = f"{prefix}{name}"
+        new = moved_to(obj, name, raw)
+        if new is not None:
+            if not migrate:
+                raise ConfigError(f"config key {key} moved to {prefix}{new}")
+            _set_path(obj, new, raw, prefix)
+            continue
+        if name not in names:
+            raise ConfigError(f"unknown config key {key} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config key {key} is a section and needs a mapping, got {raw!r}")
+            merge(current, raw, f"{key}.", migrate)
+        else:
+            setattr(obj, name, _coerce(key, raw, hints[name]))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["optim.lr=3e-4", "train.steps=10"]` -> nested dict, values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a key inside a value")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def preset_named(layers: list[dict[str, Any]]) -> str:
+    name = ""
+    for layer in layers:
+        vision = (layer.get("model") or {}).get("vision") if isinstance(layer.get("model"), dict) else None
+        if isinstance(vision, dict) and "preset" in vision:
+            name = str(vision["preset"] or "")
+    return name
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a (nested) dataclass from `config_to_dict` output, strictly; keys that have moved
+    since the dict was saved are read at their new paths, so earlier runs still load."""
+    obj = cls()
+    merge(obj, values, migrate=True)
+    return obj
