@@ -45,8 +45,8 @@ def _check_inputs(image_emb: torch.Tensor, text_emb: torch.Tensor, valid: torch.
                   logit_bias: torch.Tensor | None, kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown contrastive loss kind {kind!r} (softmax or sigmoid)")
-    if kind == "sigmoid" and logit_bias is None:
-        raise ValueError("the sigmoid loss needs a logit_bias")
+    if TERMS[kind].uses_bias and logit_bias is None:
+        raise ValueError(f"the {kind} loss needs a logit_bias")
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
         raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} "
                          f"and {tuple(text_emb.shape)}")
@@ -70,7 +70,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, valid: tor
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale = logit_scale.clamp(max=max_logit_scale)
-    bias = logit_bias if kind == "sigmoid" else None
+    bias = logit_bias if TERMS[kind].uses_bias else None
     return ChunkedContrastive.apply(image_emb, text_emb, valid, scale, bias, chunk_size, kind)
 
 

@@ -31,6 +31,7 @@ class Term:
     rank's valid image rows [c, D], holding their running statistics."""
 
     sides: int  # times each positive pair is counted: the loss is a sum over sides·B
+    uses_bias: bool  # whether a logit bias changes the loss (it needs one), or cancels (it gets none)
     column_start: float | None = None  # a column statistic before any row is folded in; None: none kept
 
     @staticmethod
@@ -63,6 +64,7 @@ class SoftmaxTerm(Term):
     """CLIP's symmetric cross-entropy: each image picks its caption and each caption its image."""
 
     sides = 2
+    uses_bias = False  # a shift of all logits cancels in a softmax
     column_start = float("-inf")  # the column log-sum-exp travels around the ring with its block
 
     def __init__(self, rows: torch.Tensor) -> None:
@@ -93,6 +95,7 @@ class SigmoidTerm(Term):
     """SigLIP's pairwise loss: every pair is an independent binary decision, normalized by B."""
 
     sides = 1
+    uses_bias = True
 
     def __init__(self, rows: torch.Tensor) -> None:
         self.pair_sum = rows.new_zeros((), dtype=torch.float64)
