@@ -44,14 +44,15 @@ def chunks(length: int, chunk_size: int) -> Iterator[slice]:
     return (slice(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size))
 
 
-def ring_chunks(own: torch.Tensor, counts: list[int], chunk_size: int, has_rows: bool,
+def ring_chunks(block: torch.Tensor, counts: list[int], chunk_size: int, has_rows: bool,
                 carried: Carried | None = None) -> Iterator[Chunk]:
-    """Every rank's block, its own first, `chunk_size` real columns at a time (a block's first
-    counts[owner] rows are real; none are visited on a rank without rows of its own). The caller
-    writes each chunk's part of the carried statistic into `chunk.carried` before asking for the
-    next chunk. Run it to the end: the last steps complete the transfers."""
+    """Every rank's block, starting from this rank's own `block`, `chunk_size` real columns at a
+    time (a block's first counts[owner] rows are real; none are visited on a rank without rows of
+    its own). The caller writes each chunk's part of the carried statistic into `chunk.carried`
+    before asking for the next chunk. Run it to the end: the last steps complete the transfers.
+    Only one block is referenced here at a time, so a visited block is freed once passed on."""
     world, rank = dist.world_size(), dist.rank()
-    block, pending = own, []
+    pending = []
     for step in range(world):
         owner = (rank - step) % world
         incoming = _receive(carried.like, carried.tag) if carried is not None and step > 0 else None
