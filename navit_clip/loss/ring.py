@@ -40,7 +40,7 @@ class Chunk:
     carried: torch.Tensor | None
 
 
-def chunks(length: int, chunk_size: int) -> Iterator[slice]:
+def _slices(length: int, chunk_size: int) -> Iterator[slice]:
     return (slice(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size))
 
 
@@ -58,7 +58,7 @@ def ring_chunks(block: torch.Tensor, counts: list[int], chunk_size: int, has_row
         incoming = _receive(carried.like, carried.tag) if carried is not None and step > 0 else None
         prefetch = _shift(block, TAG_BLOCK) if step < world - 1 else None
         part = None if carried is None else torch.full_like(carried.like, carried.start)
-        for cols in chunks(counts[owner] if has_rows else 0, chunk_size):
+        for cols in _slices(counts[owner] if has_rows else 0, chunk_size):
             yield Chunk(block[cols], None if part is None else part[cols])
         if carried is not None:
             if incoming is not None:
