@@ -178,6 +178,13 @@ def test_unknown_kind_raises():
         contrastive_loss(image, text, valid, torch.tensor(10.0), kind="hinge")
 
 
+def test_every_configurable_loss_kind_has_a_term():
+    from navit_clip.config import LOSS_KINDS
+    from navit_clip.loss.terms import TERMS
+
+    assert set(TERMS) == set(LOSS_KINDS)
+
+
 def test_sigmoid_without_bias_raises():
     image, text, valid = make_inputs()
     with pytest.raises(ValueError, match="logit_bias"):

@@ -10,8 +10,8 @@ all ranks' inputs:
   * open_clip's ClipLoss(local_loss=True, gather_with_grad=True) and SigLipLoss running in the
     same processes, without padding, through a small shared linear "tower" whose parameter
     gradients are averaged over ranks the way DeepSpeed does.
-Gradient relation (see navit_clip/loss.py): own-embedding gradients are W · dL/de; temperature and
-bias gradients are dL/ds and dL/db on every rank.
+Gradient relation (see the navit_clip.loss docstring): own-embedding gradients are W · dL/de;
+temperature and bias gradients are dL/ds and dL/db on every rank.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Backends:
 - `sdpa_per_image`: one unmasked SDPA call per image (a slice of the sequence); cost Σ nᵢ² instead
   of L², no mask in memory. The CPU default for long sequences; trains (it is plain autograd).
 - `flex`: FlexAttention with a document block mask; fully masked blocks are skipped. Compiled on
-  GPU. On CPU it runs forward only (torch has no CPU backward for it), so CPU training never picks it.
+  GPU, over sequences padded to whole kernel tiles. On CPU it runs forward only (torch has no CPU
+  backward for it), so CPU training never picks it.
 - `flash`: flash-attn's varlen kernel over the image runs (fp16/bf16 on CUDA, if installed).
 - `auto`: flex on CUDA (power-of-two head sizes), else flash-attn if installed, else
   sdpa_per_image; on CPU sdpa_per_image from L = 512 on, sdpa below.
@@ -144,10 +145,19 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# The tile of flex_attention's kernels and block mask (torch's default BLOCK_SIZE). Compiled flex
+# gets whole tiles only: torch 2.14's CPU kernel is wrong when L is not a multiple of it (AMD EPYC).
+FLEX_BLOCK_SIZE = 128
+# The tokens added up to a whole tile: apart from every image and from the packer's padding (-1),
+# they attend only to each other (no empty row, no NaN) and nothing attends to them.
+TILE_PADDING_SEGMENT = -2
+
+
 class FlexBackend(Backend):
     """FlexAttention with a document block mask: blocks where no query and key share an image are
-    skipped, so the cost follows Σ nᵢ² at block granularity. Compiled where a GPU runs it; eager
-    (forward only) on CPU, where torch implements it with a dense reference."""
+    skipped, so the cost follows Σ nᵢ² at block granularity. Compiled where a GPU runs it, over
+    sequences padded to whole FLEX_BLOCK_SIZE tiles; eager (forward only) on CPU, where torch
+    implements it with a dense reference."""
 
     name = "flex"
 
@@ -157,14 +167,16 @@ class FlexBackend(Backend):
     def bind(self, segment: torch.Tensor) -> BoundAttend:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        seg = segment.contiguous()
+        S, L = segment.shape
+        compiled = self.compile if self.compile is not None else segment.is_cuda
+        extra = -L % FLEX_BLOCK_SIZE if compiled else 0
+        length = L + extra
+        seg = F.pad(segment, (0, extra), value=TILE_PADDING_SEGMENT).contiguous()
 
         def same_image(b, h, q_idx, kv_idx):
             return seg[b, q_idx] == seg[b, kv_idx]
 
-        S, L = seg.shape
-        block_mask = create_block_mask(same_image, B=S, H=None, Q_LEN=L, KV_LEN=L, device=seg.device)
-        compiled = self.compile if self.compile is not None else seg.is_cuda
+        block_mask = create_block_mask(same_image, B=S, H=None, Q_LEN=length, KV_LEN=length, device=seg.device)
         fn = _compiled_flex() if compiled else flex_attention
 
         def attend(q, k, v):
@@ -172,7 +184,8 @@ class FlexBackend(Backend):
                 raise RuntimeError("model.vision.attention=flex has no backward on CPU; use sdpa_per_image "
                                    "(or auto) to train on CPU")
             if compiled:
-                return fn(q, k, v, block_mask=block_mask)
+                q, k, v = (F.pad(t, (0, 0, 0, extra)) if extra else t for t in (q, k, v))
+                return fn(q, k, v, block_mask=block_mask)[:, :, :L]
             with warnings.catch_warnings():  # eager flex is the CPU forward path on purpose; no nag
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
                 return fn(q, k, v, block_mask=block_mask)
