@@ -19,12 +19,8 @@ import yaml
 from navit_clip.config_load import ConfigError, config_from_dict, config_to_dict, parse_overrides  # noqa: F401
 from navit_clip.config_load import merge as _merge
 from navit_clip.config_load import preset_named as _preset_named
+from navit_clip.config_load import CONFIG_DIR, REPO_ROOT, resolve_path  # noqa: F401
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# An installed wheel carries the configs inside the package (pyproject maps configs/ there); a
-# checkout, editable or not, reads them from configs/ at the top of the repository.
-_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
-CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else REPO_ROOT / "configs"
 
 # The `reference` attention is a test oracle (model/attention.py), not a choice for training.
 AttentionBackend = Literal["auto", "sdpa_per_image", "sdpa", "flex", "flash"]
@@ -288,14 +284,3 @@ def vision_preset(name: str) -> dict[str, Any]:
                           f"{', '.join(table['sizes'])}; patch sizes: {', '.join(map(str, table['patch_sizes']))}; "
                           f"e.g. B/16)")
     return {**sizes[size.lower()], "patch_size": int(patch)}
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Relative paths in configs are taken from the working directory, then from where the shipped
-    `configs/` lies (the repository, or the installed package), so `configs/deepspeed/cpu.json`
-    works from any directory."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    shipped = CONFIG_DIR.parent / p
-    return shipped if shipped.exists() else p

@@ -2,7 +2,8 @@
 `navit_clip.config`, each value turned into its field's type (a `Literal` field accepts only
 its listed choices) or refused with an error that names the key.
 
-Generic over the dataclasses, so it knows no field by name; `navit_clip.config` re-exports it.
+Generic over the dataclasses, so it knows no field by name (it also knows where the shipped
+configs lie); `navit_clip.config` re-exports it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from navit_clip.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# An installed wheel carries the configs inside the package (pyproject maps configs/ there); a
+# checkout, editable or not, reads them from configs/ at the top of the repository.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else REPO_ROOT / "configs"
 
 
 class ConfigError(UserError, ValueError):
@@ -140,3 +148,14 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     obj = cls()
     merge(obj, values, migrate=True)
     return obj
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative paths in configs are taken from the working directory, then from where the shipped
+    `configs/` lies (the repository, or the installed package), so `configs/deepspeed/cpu.json`
+    works from any directory."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    shipped = CONFIG_DIR.parent / p
+    return shipped if shipped.exists() else p
