@@ -9,6 +9,7 @@ export without DeepSpeed) and `rng_rank{R}.pt` (each rank's random generators).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any
 import numpy as np
 
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -30,10 +30,24 @@ def deepspeed_safe_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, but loading refuses to unpickle arbitrary objects."""
+def safe_checkpoint_engine(config_params: Any):
+    """DeepSpeed's torch checkpoint engine, but loading refuses to unpickle arbitrary objects.
+    DeepSpeed is imported here, not with this module: eval and export read checkpoints without it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    def load(self, path: str, map_location=None):  # noqa: ANN001 - DeepSpeed's signature
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):  # noqa: ANN001 - DeepSpeed's signature
+            return safe_load(path, map_location)
+
+    return SafeCheckpointEngine(config_params=config_params)
+
+
+def safe_load(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load with weights_only=True; DeepSpeed's plain-data classes are allowed (importing
+    DeepSpeed) only for a file that holds them, such as a ZeRO optimizer shard."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
 
@@ -179,8 +193,7 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
     path = next((ckpt_dir / tag / n for n in names if (ckpt_dir / tag / n).exists()), None)
     if path is None:
         raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} has neither {' nor '.join(names)}")
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path, map_location="cpu")
     client = {k: state[k] for k in ("step", "data", "config") if k in state}
     model_file = ckpt_dir / tag / MODEL_FILE
     if model_file.exists():
