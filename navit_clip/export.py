@@ -26,6 +26,7 @@ from navit_clip.config import TextConfig, VisionConfig, config_from_dict, config
 from navit_clip.data.loader import patch_image
 from navit_clip.data.packing import pack
 from navit_clip.data.resolution import ResolutionPolicy
+from navit_clip.errors import InputError, MissingInputError
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.model.navit import NaViT, unpack_grids
 from navit_clip.model.text import TextTransformer
@@ -189,18 +190,18 @@ def _read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{path} is not an exported encoder: {CONFIG_FILE} is missing")
+        raise MissingInputError(f"{path} is not an exported encoder: {CONFIG_FILE} is missing")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+        raise InputError(f"{config_path} is not valid JSON: {exc}") from exc
     version = config.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise ValueError(f"{config_path} has format_version {version}, "
+        raise InputError(f"{config_path} has format_version {version}, "
                          f"this navit-clip reads {', '.join(map(str, READABLE_VERSIONS))}")
     weights_path = path / (WEIGHTS_FILE if version >= 2 else V1_WEIGHTS_FILE)
     if not weights_path.exists():
-        raise FileNotFoundError(f"{path} is not an exported encoder: {weights_path.name} is missing")
+        raise MissingInputError(f"{path} is not an exported encoder: {weights_path.name} is missing")
     return config, load_file(str(weights_path))
 
 
@@ -222,7 +223,7 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu") -> T
     """Load the text encoder of an export written with with_text=True."""
     config, tensors = _read_export(path)
     if not config.get("text"):
-        raise ValueError(f"{path} holds no text encoder: export it with `navit-clip export --with-text` "
+        raise InputError(f"{path} holds no text encoder: export it with `navit-clip export --with-text` "
                          "to evaluate zero-shot from the export alone")
     encoder = TextEncoder(text=config_from_dict(TextConfig, config["text"]), embed_dim=config["embed_dim"])
     encoder.load_state_dict(_part(tensors, ("text.", "text_proj.", "logit_scale")), strict=True)

@@ -14,6 +14,7 @@ from navit_clip import dist
 from navit_clip.config import Config, ConfigError, config_to_dict
 from navit_clip.data.loader import StreamSpec
 from navit_clip.data.shards import expand_shards
+from navit_clip.errors import InputError
 from navit_clip.train.checkpoint import (latest_tag, load_rng_state, prune_checkpoints, save_model_file,
                                         save_rng_state, step_tag, tag_step, write_latest)
 from navit_clip.train.metrics import truncate_jsonl
@@ -27,7 +28,7 @@ def find_resume_step(cfg: Config, ckpt_dir: Path) -> int:
     silently starting from step 0)."""
     found = latest_tag(ckpt_dir) if dist.is_main() else None
     if found is not None and tag_step(found) is None:
-        raise ValueError(f"{ckpt_dir / 'latest'} names {found!r}, which is not a navit-clip step checkpoint")
+        raise InputError(f"{ckpt_dir / 'latest'} names {found!r}, which is not a navit-clip step checkpoint")
     found_step = dist.broadcast_int(-1 if found is None else tag_step(found))
     if found_step >= 0 and not cfg.train.resume:
         raise ConfigError(f"train.out_dir {Path(cfg.train.out_dir)} already holds checkpoints (latest: "
