@@ -89,7 +89,8 @@ def train(cfg: Config) -> dict[str, Any]:
     stop.restore()
     return {"steps": done if stopping else cfg.train.steps, "stopped_early": bool(stopping),
             "resumed_from": start_step, "final_loss": final_loss,
-            "images_seen": totals.images, "skipped_samples": totals.skipped_samples, "nonfinite_skipped": totals.nonfinite,
+            "images_seen": totals.images, "skipped_samples": totals.skipped_samples,
+            "nonfinite_skipped": totals.nonfinite,
             "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or ""))}
 
 
