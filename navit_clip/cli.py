@@ -9,52 +9,53 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from navit_clip.config import CONFIG_DIR, ConfigError, load_config
-from navit_clip.data.make_shards import InputError
-from navit_clip.data.shards import ShardError
+from navit_clip.config import CONFIG_DIR, load_config
+from navit_clip.errors import InputError, UserError
+
+# Each command imports what it needs when it runs: only `train` (and `demo`) build a DeepSpeed
+# engine, so only they import DeepSpeed.
 
 
-def _cmd_make_shards(args: argparse.Namespace) -> dict:
-    if getattr(args, "images", None) or getattr(args, "img2dataset", None):
-        return _make_shards_from_files(args)
+def make_shards_command(out: str, train_copies: int = 2, seed: int = 0, images: str | None = None,
+                        captions: str | None = None, img2dataset: str | None = None, per_shard: int = 1000,
+                        prefix: str = "shard", max_side: int = 0) -> dict:
+    """Shards from images + captions or img2dataset output; with neither, the bundled digits."""
+    if images or img2dataset:
+        return _make_shards_from_files(out, images, captions, img2dataset, per_shard, prefix, max_side)
     from navit_clip.data.digits import make_digit_shards
 
-    info = make_digit_shards(args.out, train_copies=args.train_copies, seed=args.seed)
-    print(f"wrote {info['num_train']} training and {info['num_eval']} evaluation samples to {args.out}")
+    info = make_digit_shards(out, train_copies=train_copies, seed=seed)
+    print(f"wrote {info['num_train']} training and {info['num_eval']} evaluation samples to {out}")
     return info
 
 
-def _make_shards_from_files(args: argparse.Namespace) -> dict:
+def _make_shards_from_files(out: str, images: str | None, captions: str | None, img2dataset: str | None,
+                            per_shard: int, prefix: str, max_side: int) -> dict:
     from navit_clip.data.make_shards import make_shards, read_caption_file, read_image_folder
 
-    if args.img2dataset:
-        entries = list(read_image_folder(args.img2dataset))
+    if img2dataset:
+        entries = list(read_image_folder(img2dataset))
     else:
-        if not args.captions:
-            raise FileNotFoundError("--images needs --captions (a CSV, TSV or JSONL file of image and caption)")
-        entries = list(read_caption_file(args.captions, args.images))
-    info = make_shards(iter(entries), args.out, per_shard=args.per_shard, prefix=args.prefix,
-                       max_side=args.max_side, total=len(entries))
-    print(f"wrote {info['num_samples']} samples in {info['num_shards']} shards to {args.out} ({info['shards']}); "
+        if not captions:
+            raise InputError("--images needs --captions (a CSV, TSV or JSONL file of image and caption)")
+        entries = list(read_caption_file(captions, images))
+    info = make_shards(iter(entries), out, per_shard=per_shard, prefix=prefix, max_side=max_side, total=len(entries))
+    print(f"wrote {info['num_samples']} samples in {info['num_shards']} shards to {out} ({info['shards']}); "
           f"skipped {sum(info['skipped'].values())}: {info['skipped']}")
     return info
 
 
-def _cmd_pack_shards(args: argparse.Namespace) -> dict:
-    from dataclasses import replace
-
+def pack_shards_command(config_path: str, shards: str, out: str, per_shard: int = 256, shuffle_buffer: int = 0,
+                        overrides: Sequence[str] = ()) -> dict:
+    """Pre-pack raw shards into shards of ready packed sequences."""
     from tqdm import tqdm
 
     from navit_clip.data.loader import PackedStream
     from navit_clip.data.prepacked import write_packed_shards
-    from navit_clip.data.spec import stream_spec
 
-    cfg = load_config(args.config, args.overrides)
-    spec = stream_spec(cfg)
-    spec = replace(spec, shards=args.shards, loop=False, shuffle_buffer=args.shuffle_buffer,
-                   sources=replace(spec.sources, resampled=False, shard_kind="raw"))
-    stream = PackedStream(spec)
+    stream = PackedStream(_pack_spec(config_path, shards, shuffle_buffer, overrides))
     batches = tqdm(stream, desc="pack-shards", unit="batch")
     skipped: dict = {}
 
@@ -64,35 +65,47 @@ def _cmd_pack_shards(args: argparse.Namespace) -> dict:
                 skipped[reason] = skipped.get(reason, 0) + n
             yield batch
 
-    paths = write_packed_shards(counted(), str(Path(args.out) / "packed-%06d.tar"), args.per_shard)
-    spec_out = str(Path(args.out) / f"packed-{{000000..{len(paths) - 1:06d}}}.tar")
-    print(f"wrote {len(paths)} pre-packed shards to {args.out} ({spec_out}); skipped samples: {skipped}. "
+    paths = write_packed_shards(counted(), str(Path(out) / "packed-%06d.tar"), per_shard)
+    spec_out = str(Path(out) / f"packed-{{000000..{len(paths) - 1:06d}}}.tar")
+    print(f"wrote {len(paths)} pre-packed shards to {out} ({spec_out}); skipped samples: {skipped}. "
           f"Train on them with data.train_shards='{spec_out}' and the same model, seq_len and max_images.")
     return {"shards": spec_out, "num_shards": len(paths), "skipped": skipped}
 
 
-def _cmd_train(args: argparse.Namespace) -> dict:
+def _pack_spec(config_path: str, shards: str, shuffle_buffer: int, overrides: Sequence[str]):
+    from dataclasses import replace
+
+    from navit_clip.data.spec import stream_spec
+
+    spec = stream_spec(load_config(config_path, overrides))
+    return replace(spec, shards=shards, loop=False, shuffle_buffer=shuffle_buffer,
+                   sources=replace(spec.sources, resampled=False, shard_kind="raw"))
+
+
+def train_command(config_path: str, overrides: Sequence[str] = (), resume: str | None = None) -> dict:
+    """Train under DeepSpeed; `resume` (latest | never) is train.resume spelled as a flag."""
     from navit_clip import dist
     from navit_clip.train.loop import train
 
-    overrides = list(args.overrides)
-    if getattr(args, "resume", None):  # --resume latest|never: train.resume, spelled as a flag
-        overrides.append(f"train.resume={args.resume == 'latest'}")
-    summary = train(load_config(args.config, overrides))
+    overrides = list(overrides)
+    if resume:
+        overrides.append(f"train.resume={resume == 'latest'}")
+    summary = train(load_config(config_path, overrides))
     if dist.is_main():
         print(json.dumps(summary, indent=2))
     return summary
 
 
-def _cmd_eval(args: argparse.Namespace) -> dict:
+def eval_command(run: str, shards: str | None = None, tag: str | None = None, task: str = "auto",
+                 templates: str | None = None, classnames: str | None = None, split: str = "test",
+                 budgets: str | None = None, out: str | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Zero-shot classification or retrieval; prints one summary line per budget."""
     from navit_clip.eval.run import run_eval
     from navit_clip.eval.sweep import parse_budgets
 
-    budgets = getattr(args, "budgets", None)
-    result = run_eval(args.run, args.shards, tag=args.tag, task=getattr(args, "task", "auto"),
-                      templates=getattr(args, "templates", None), budgets=parse_budgets(budgets) if budgets else None,
-                      split=getattr(args, "split", "test"), classnames=getattr(args, "classnames", None),
-                      out=args.out, overrides=args.overrides)
+    result = run_eval(run, shards, tag=tag, task=task, templates=templates,
+                      budgets=parse_budgets(budgets) if budgets else None, split=split, classnames=classnames,
+                      out=out, overrides=overrides)
     for line in result["summary"]:
         print(line)
     for what, path in result["written"].items():
@@ -100,62 +113,63 @@ def _cmd_eval(args: argparse.Namespace) -> dict:
     return result
 
 
-def _cmd_export(args: argparse.Namespace) -> dict:
+def export_command(run: str, tag: str | None = None, out: str | None = None, with_text: bool = False,
+                   torch_export: int = 0) -> dict:
+    """Export the image encoder (and the text encoder) of a run; optionally a torch.export program."""
     from navit_clip.export import export_image_encoder
     from navit_clip.train.checkpoint import load_trained_model
 
-    model, cfg, step = load_trained_model(args.run, args.tag)
-    with_text = getattr(args, "with_text", False)
-    out = export_image_encoder(model, args.out or Path(args.run) / "export", max_tokens_per_image=cfg.data.resolution.max_tokens,
-                               seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, with_text=with_text)
+    model, cfg, step = load_trained_model(run, tag)
+    path = export_image_encoder(model, out or Path(run) / "export", max_tokens_per_image=cfg.data.resolution.max_tokens,
+                                seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, with_text=with_text)
     what = "image and text encoders" if with_text else "image encoder"
-    print(f"exported the {what} of step {step} to {out} (load with navit_clip.export.load_image_encoder)")
-    sequences = getattr(args, "torch_export", 0)
-    if sequences:
+    print(f"exported the {what} of step {step} to {path} (load with navit_clip.export.load_image_encoder)")
+    if torch_export:
         import torch
 
         from navit_clip.export import export_program, load_image_encoder
 
-        program = export_program(load_image_encoder(out), num_sequences=sequences)
-        torch.export.save(program, str(out / "image_encoder.pt2"))
-        print(f"torch.export program (packed input, {sequences} x {cfg.data.seq_len} tokens) -> {out / 'image_encoder.pt2'}")
-    return {"export": str(out), "step": step}
+        program = export_program(load_image_encoder(path), num_sequences=torch_export)
+        torch.export.save(program, str(path / "image_encoder.pt2"))
+        print(f"torch.export program (packed input, {torch_export} x {cfg.data.seq_len} tokens) -> "
+              f"{path / 'image_encoder.pt2'}")
+    return {"export": str(path), "step": step}
 
 
-def _cmd_demo(args: argparse.Namespace) -> dict:
+def demo_command(config_path: str, data: str, out: str, overrides: Sequence[str] = ()) -> dict:
     """The bundled default, end to end: dataset, training under DeepSpeed, zero-shot eval, export."""
     started = time.perf_counter()
-    data_dir = Path(args.data)
+    data_dir = Path(data)
     if not (data_dir / "dataset.json").exists():
-        _cmd_make_shards(argparse.Namespace(out=str(data_dir), train_copies=2, seed=0))
+        make_shards_command(str(data_dir), train_copies=2, seed=0)
     info = json.loads((data_dir / "dataset.json").read_text())
-    overrides = [f"data.train_shards={info['train_shards']}", f"data.eval_shards={info['eval_shards']}",
-                 f"train.out_dir={args.out}", *args.overrides]
-    _cmd_train(argparse.Namespace(config=args.config, overrides=overrides))
-    result = _cmd_eval(argparse.Namespace(run=args.out, tag=None, shards=None, out=None, overrides=[]))
-    export = _cmd_export(argparse.Namespace(run=args.out, tag=None, out=None))
+    train_command(config_path, [f"data.train_shards={info['train_shards']}", f"data.eval_shards={info['eval_shards']}",
+                                f"train.out_dir={out}", *overrides])
+    result = eval_command(out)
+    export = export_command(out)
     print("\nnavit-clip demo finished in {:.0f} s".format(time.perf_counter() - started))
     print(f"  dataset      {data_dir}")
-    print(f"  run          {args.out}  (config.json, metrics.jsonl, checkpoints/)")
+    print(f"  run          {out}  (config.json, metrics.jsonl, checkpoints/)")
     print(f"  zero-shot    acc1 {result['acc1']:.1%}, acc5 {result['acc5']:.1%} (chance {result['chance_acc1']:.0%})"
-          f"  -> {args.out}/eval/zeroshot.json")
+          f"  -> {out}/eval/zeroshot.json")
     print(f"  encoder      {export['export']}")
     return {"eval": result, **export}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command table: each sub-command's options are the keyword arguments of its handler."""
     parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     sub = parser.add_subparsers(dest="command", required=True)
     default_config = str(CONFIG_DIR / "default.yaml")
 
     p = sub.add_parser("train", help="train under DeepSpeed (1 process, or N via the deepspeed launcher)")
-    p.add_argument("--config", default=default_config)
+    p.add_argument("--config", dest="config_path", default=default_config)
     p.add_argument("--resume", choices=["latest", "never"], default=None,
                    help="latest: continue from the last complete checkpoint in train.out_dir (the default); "
                         "never: refuse a train.out_dir that holds checkpoints")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(handler=train_command)
 
     p = sub.add_parser("eval", help="zero-shot classification or retrieval of a training run or an exported encoder")
     p.add_argument("--run", required=True, help="training run directory (train.out_dir) or exported encoder directory")
@@ -170,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None, help="token budgets per image to sweep, e.g. 16,32,64")
     p.add_argument("--out", default=None, help="result JSON, or folder for a sweep (default: RUN/eval/...)")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. eval.max_tokens_per_image=32")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(handler=eval_command)
 
     p = sub.add_parser("export", help="export the image encoder as safetensors + config.json")
     p.add_argument("--run", required=True)
@@ -179,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-text", action="store_true", help="also export the text encoder (zero-shot from the export)")
     p.add_argument("--torch-export", type=int, default=0, metavar="S",
                    help="also write image_encoder.pt2: torch.export of the packed forward at S sequences")
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(handler=export_command)
 
     p = sub.add_parser("make-shards", help="WebDataset shards from images + captions, img2dataset output, "
                                             "or (with no input) the bundled digits dataset")
@@ -192,36 +206,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     p.add_argument("--prefix", default="shard")
     p.add_argument("--max-side", type=int, default=0, help="shrink larger images to this side (0: keep native)")
-    p.set_defaults(func=_cmd_make_shards)
+    p.set_defaults(handler=make_shards_command)
 
     p = sub.add_parser("pack-shards", help="pre-pack raw shards into shards of ready packed sequences")
-    p.add_argument("--config", default=default_config)
+    p.add_argument("--config", dest="config_path", default=default_config)
     p.add_argument("--shards", required=True, help="raw shard spec to pack")
     p.add_argument("--out", required=True)
     p.add_argument("--per-shard", type=int, default=256, help="sequences per output shard")
     p.add_argument("--shuffle-buffer", type=int, default=0, help="shuffle samples before packing")
     p.add_argument("overrides", nargs="*", help="key.sub=value (patch size, seq_len, max_images, resolution, ...)")
-    p.set_defaults(func=_cmd_pack_shards)
+    p.set_defaults(handler=pack_shards_command)
 
     p = sub.add_parser("demo", help="make the default dataset, train, evaluate zero-shot and export")
-    p.add_argument("--config", default=default_config)
+    p.add_argument("--config", dest="config_path", default=default_config)
     p.add_argument("--data", default="data/digits")
     p.add_argument("--out", default="runs/default")
     p.add_argument("overrides", nargs="*", help="key.sub=value for training")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(handler=demo_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An error the user can fix (UserError) is one line on stderr and exit
+    status 2; anything else is a bug and keeps its traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    # eval and export name bad inputs (a dataset layout, a model path) with ValueError too
-    expected = (ValueError, RuntimeError) if args.command in ("eval", "export") else (ConfigError, ShardError, InputError)
+    options = vars(build_parser().parse_args(argv))
+    command, handler = options.pop("command"), options.pop("handler")
+    options.pop("local_rank")
     try:
-        args.func(args)
-    except (*expected, FileNotFoundError) as exc:
-        print(f"navit-clip {args.command}: error: {exc}", file=sys.stderr)
+        handler(**options)
+    except UserError as exc:
+        print(f"navit-clip {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,3 +6,13 @@ The CLI prints these as one line and exits 2; anything else is a bug and keeps i
 
 class UserError(Exception):
     """Something the user gave (config, path, data) is wrong; the message names it."""
+
+
+class InputError(UserError, ValueError):
+    """An input cannot be used as asked: a caption file, an image folder, an evaluation dataset's
+    layout, a model directory's contents, an option's value."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A path the user named does not exist, or lacks a file it must hold (a run's checkpoint, an
+    export's config, a dataset's class names)."""

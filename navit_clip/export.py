@@ -28,6 +28,7 @@ from navit_clip.config import TextConfig, VisionConfig, config_from_dict, config
 from navit_clip.data.packing import pack
 from navit_clip.data.patches import patch_image
 from navit_clip.data.resolution import ResolutionPolicy
+from navit_clip.errors import InputError, MissingInputError
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.model.navit import unpack_grids
 from navit_clip.model.towers import ImageTower, TextTower
@@ -184,14 +185,14 @@ class TextEncoder(TextTower):
 def _read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{path} is not an exported encoder: {CONFIG_FILE} is missing")
+        raise MissingInputError(f"{path} is not an exported encoder: {CONFIG_FILE} is missing")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+        raise InputError(f"{config_path} is not valid JSON: {exc}") from exc
     version = config.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise ValueError(f"{config_path} has format_version {version}, "
+        raise InputError(f"{config_path} has format_version {version}, "
                          f"this navit-clip reads {', '.join(map(str, READABLE_VERSIONS))}")
     return config
 
@@ -201,7 +202,7 @@ def _read_weights(path: Path, config: dict, tower: str) -> dict[str, torch.Tenso
     version = config["format_version"]
     name = config["weights"][tower] if version >= 3 else LEGACY_WEIGHTS_FILES[version]
     if not (path / name).exists():
-        raise FileNotFoundError(f"{path} is not an exported encoder: {name} is missing")
+        raise MissingInputError(f"{path} is not an exported encoder: {name} is missing")
     tensors = load_file(str(path / name))
     if version >= 3:
         return tensors
@@ -226,7 +227,7 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu") -> T
     path = Path(path)
     config = _read_config(path)
     if not config.get("text"):
-        raise ValueError(f"{path} holds no text encoder: export it with `navit-clip export --with-text` "
+        raise InputError(f"{path} holds no text encoder: export it with `navit-clip export --with-text` "
                          "to evaluate zero-shot from the export alone")
     state = _read_weights(path, config, "text")
     legacy_scale = state.pop("logit_scale", None)  # formats 1 and 2 kept it among the weights

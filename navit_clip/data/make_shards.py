@@ -22,16 +22,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from navit_clip.data.shards import IMAGE_EXTENSIONS, write_shards
-from navit_clip.errors import UserError
+from navit_clip.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
 FILE_COLUMNS = ("file", "filepath", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "title", "txt")
-
-
-class InputError(UserError, ValueError):
-    """A caption file or image folder cannot be read as asked (missing column, bad line)."""
 
 
 @dataclass
@@ -55,7 +51,7 @@ def read_caption_file(captions: str | Path, images: str | Path) -> Iterator[Entr
     """Entries from a CSV, TSV or JSONL file naming an image (relative to `images`) and its caption."""
     captions, images = Path(captions), Path(images)
     if not captions.exists():
-        raise FileNotFoundError(f"caption file {captions} does not exist")
+        raise MissingInputError(f"caption file {captions} does not exist")
     if captions.suffix.lower() in (".jsonl", ".json"):
         rows = []
         with captions.open(encoding="utf-8") as f:
@@ -87,7 +83,7 @@ def read_image_folder(root: str | Path) -> Iterator[Entry]:
     and .json metadata, in sorted path order."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise MissingInputError(f"image folder {root} does not exist")
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):

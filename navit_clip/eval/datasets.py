@@ -26,6 +26,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from navit_clip.data.shards import IMAGE_EXTENSIONS, ReadStats, expand_shards, read_raw
+from navit_clip.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +88,22 @@ def image_folder(root: str | Path, class_names_file: str | Path | None = None) -
     root = Path(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if class_names_file is not None:
+        if not Path(class_names_file).is_file():
+            raise MissingInputError(f"class names file {class_names_file} does not exist")
         names = read_lines(Path(class_names_file))
         chosen = []
         for name in names:
             candidates = [root / name, root / name.replace(" ", "_")]
             found = next((c for c in candidates if c.is_dir()), None)
             if found is None:
-                raise FileNotFoundError(f"class folder for {name!r} is missing: expected {candidates[-1]} "
+                raise MissingInputError(f"class folder for {name!r} is missing: expected {candidates[-1]} "
                                         f"(class names from {class_names_file})")
             chosen.append(found)
         folders = chosen
     else:
         names = [p.name.replace("_", " ") for p in folders]
     if not folders:
-        raise FileNotFoundError(f"{root} holds no class folder (expected {root}/<class>/<image>.png|jpg|...)")
+        raise MissingInputError(f"{root} holds no class folder (expected {root}/<class>/<image>.png|jpg|...)")
     files = [(label, path) for label, folder in enumerate(folders) for path in sorted(folder.iterdir())
              if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
     for label, folder in enumerate(folders):
@@ -129,16 +132,16 @@ def caption_csv(path: str | Path) -> EvalDataset:
         reader = csv.DictReader(f)
         missing = {"path", "caption"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path} needs a header with columns path,caption; missing {sorted(missing)}")
+            raise InputError(f"{path} needs a header with columns path,caption; missing {sorted(missing)}")
         captions: dict[str, list[str]] = {}
         for line, row in enumerate(reader, start=2):
             if not row["path"] or row["caption"] is None:
-                raise ValueError(f"{path} line {line}: empty path or caption")
+                raise InputError(f"{path} line {line}: empty path or caption")
             captions.setdefault(row["path"], []).append(row["caption"].strip())
     for image_path in captions:
         full = path.parent / image_path
         if not full.exists():
-            raise FileNotFoundError(f"{path} names image {image_path}, which does not exist ({full})")
+            raise MissingInputError(f"{path} names image {image_path}, which does not exist ({full})")
 
     def read(stats: ReadStats) -> Iterator[EvalItem]:
         for image_path, texts in captions.items():
@@ -193,16 +196,16 @@ def clip_benchmark_wds(root: str | Path, split: str = "test") -> EvalDataset:
     shards = sorted((str(p) for p in split_dir.glob("*.tar")), key=_numeric_order) if split_dir.is_dir() else []
     if not shards:
         splits = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.tar")))
-        raise FileNotFoundError(f"{split_dir} holds no .tar shard (splits with shards: {splits or 'none'})")
+        raise MissingInputError(f"{split_dir} holds no .tar shard (splits with shards: {splits or 'none'})")
     kind_file = root / "dataset_type.txt"
     kind = kind_file.read_text().strip().lower() if kind_file.exists() else "classification"
     if kind not in ("classification", "retrieval"):
-        raise ValueError(f"{kind_file} says {kind!r}; navit-clip evaluates classification or retrieval")
+        raise InputError(f"{kind_file} says {kind!r}; navit-clip evaluates classification or retrieval")
     names = templates = None
     if kind == "classification":
         names_file = root / "classnames.txt"
         if not names_file.exists():
-            raise FileNotFoundError(f"{root} is a classification dataset without classnames.txt")
+            raise MissingInputError(f"{root} is a classification dataset without classnames.txt")
         names = read_lines(names_file)
         templates_file = root / "zeroshot_classification_templates.txt"
         templates = read_lines(templates_file) if templates_file.exists() else None
@@ -233,7 +236,7 @@ def open_dataset(source: str, split: str = "test", class_names_file: str | None 
     path = Path(source)
     if path.suffix.lower() == ".csv":
         if not path.exists():
-            raise FileNotFoundError(f"caption CSV {path} does not exist")
+            raise MissingInputError(f"caption CSV {path} does not exist")
         return caption_csv(path)
     if path.is_dir():
         markers = ("classnames.txt", "dataset_type.txt", "zeroshot_classification_templates.txt")

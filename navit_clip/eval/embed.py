@@ -14,6 +14,7 @@ from navit_clip.data.packing import StreamingPacker
 from navit_clip.data.patches import patch_image
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.data.shards import ReadStats
+from navit_clip.errors import InputError
 from navit_clip.eval.datasets import EvalDataset
 from navit_clip.eval.towers import Towers
 
@@ -42,7 +43,7 @@ class ImageEmbeddings:
 def check_budget(towers: Towers, budget: int | None) -> int:
     budget = budget or towers.max_tokens_per_image
     if not 1 <= budget <= towers.seq_len:
-        raise ValueError(f"token budget {budget} must be in [1, {towers.seq_len}] (the packed sequence length)")
+        raise InputError(f"token budget {budget} must be in [1, {towers.seq_len}] (the packed sequence length)")
     return budget
 
 
@@ -84,7 +85,7 @@ def embed_images(towers: Towers, dataset: EvalDataset, budget: int | None = None
         bar.update(len(order))
     bar.close()
     if not rows:
-        raise RuntimeError(f"no readable image in {dataset.name} (skipped: {dict(stats.skipped)})")
+        raise InputError(f"no readable image in {dataset.name} (skipped: {dict(stats.skipped)})")
     emb = torch.stack([rows[i] for i in range(len(keys))])
     return ImageEmbeddings(emb=emb, keys=keys, labels=labels, captions=captions, budget=budget, tokens=tokens,
                            encode_seconds=seconds, padding=packer.padding_fraction, stats=stats)

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from navit_clip.data.text import CaptionTokenizer
+from navit_clip.errors import InputError
 from navit_clip.eval.datasets import EvalDataset
 from navit_clip.eval.embed import ImageEmbeddings, embed_images
 from navit_clip.eval.metrics import retrieval_metrics
@@ -35,6 +36,8 @@ def retrieve(towers: Towers, dataset: EvalDataset, budget: int | None = None, ks
     if len(keep) < len(images.keys):
         skipped["no_caption"] += len(images.keys) - len(keep)
         log.warning("%d images without a caption are left out of retrieval", len(images.keys) - len(keep))
+    if not keep:
+        raise InputError(f"no image with a caption in {dataset.name}: retrieval needs captions")
     captions = [c for i in keep for c in images.captions[i]]
     text_image = torch.tensor([j for j, i in enumerate(keep) for _ in images.captions[i]])
     scores = encode_captions(towers, captions) @ images.emb[keep].T

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from navit_clip.errors import InputError
 from navit_clip.eval.datasets import open_dataset
 from navit_clip.eval.report import clip_benchmark_record, summary_line, write_json
 from navit_clip.eval.retrieval import retrieve
@@ -30,15 +31,15 @@ def run_eval(model: str | Path, data: str | None = None, *, tag: str | None = No
     cfg = towers.cfg
     if data is None:
         if cfg is None:
-            raise ValueError(f"{model} is an export: name the evaluation data (--data)")
+            raise InputError(f"{model} is an export: name the evaluation data (--data)")
         data = cfg.data.eval_shards
     dataset = open_dataset(str(data), split=split, class_names_file=classnames)
     kind = dataset.kind if task == "auto" else task
     if kind not in ("classification", "retrieval"):
-        raise ValueError(f"unknown task {task!r} (auto, classification or retrieval)")
+        raise InputError(f"unknown task {task!r} (auto, classification or retrieval)")
     if kind == "classification":
         if dataset.kind != "classification":
-            raise ValueError(f"{data} has no class names: it can only be used for retrieval")
+            raise InputError(f"{data} has no class names: it can only be used for retrieval")
         prompts = resolve_templates(templates or (cfg.eval.templates if cfg is not None else None), dataset)
         evaluate = lambda budget: classify(towers, dataset, prompts, budget, progress)  # noqa: E731
     else:

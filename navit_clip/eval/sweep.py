@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 from typing import Callable, Sequence
 
+from navit_clip.errors import InputError
 from navit_clip.eval.report import metric_names
 
 
@@ -14,9 +15,9 @@ def parse_budgets(text: str) -> list[int]:
     try:
         budgets = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError as exc:
-        raise ValueError(f"budgets must be comma-separated integers, got {text!r}") from exc
+        raise InputError(f"budgets must be comma-separated integers, got {text!r}") from exc
     if not budgets or budgets[0] < 1:
-        raise ValueError(f"budgets must be positive integers, got {text!r}")
+        raise InputError(f"budgets must be positive integers, got {text!r}")
     return budgets
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from navit_clip.batch import PackedBatch
+from navit_clip.errors import InputError, MissingInputError
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Towers:
 
     def require_text(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.encode_text is None:
-            raise ValueError(f"{self.name} has no text encoder: zero-shot evaluation needs one; export with "
+            raise InputError(f"{self.name} has no text encoder: zero-shot evaluation needs one; export with "
                              "`navit-clip export --with-text` or evaluate the training run")
         return self.encode_text
 
@@ -57,7 +58,7 @@ def load_towers(path: str | Path, tag: str | None = None, device: torch.device |
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+        raise MissingInputError(f"model path {path} does not exist")
     if (path / "checkpoints").is_dir():
         from navit_clip.config import apply_overrides
         from navit_clip.train.checkpoint import load_trained_model
@@ -67,9 +68,9 @@ def load_towers(path: str | Path, tag: str | None = None, device: torch.device |
         return from_training_model(model, cfg, device, name=str(path), step=step)
     if (path / CONFIG_FILE).exists():
         if overrides:
-            raise ValueError(f"config overrides {overrides} apply to training runs only, not to the export {path}")
+            raise InputError(f"config overrides {overrides} apply to training runs only, not to the export {path}")
         return _from_export(path, torch.device(device))
-    raise FileNotFoundError(f"{path} is neither a training run (no checkpoints/ folder) nor an exported encoder "
+    raise MissingInputError(f"{path} is neither a training run (no checkpoints/ folder) nor an exported encoder "
                             f"(no {CONFIG_FILE})")
 
 

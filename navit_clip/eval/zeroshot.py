@@ -15,6 +15,7 @@ import torch
 from navit_clip.config import TEMPLATE_SETS, Config
 from navit_clip.data.shards import expand_shards
 from navit_clip.data.text import CaptionTokenizer
+from navit_clip.errors import InputError, MissingInputError
 from navit_clip.eval.datasets import EvalDataset, navit_shards, read_lines
 from navit_clip.eval.embed import ImageEmbeddings, embed_images
 from navit_clip.eval.metrics import classification_metrics
@@ -30,8 +31,8 @@ def resolve_templates(spec: str | None, dataset: EvalDataset) -> list[Template]:
     prompts; anything else: a file with one prompt per line, `{c}` or `{}` for the class name."""
     if spec in (None, "", "dataset"):
         if not dataset.templates:
-            raise ValueError(f"dataset {dataset.name} has no prompt templates; pass templates=imagenet "
-                             "or a file with one template per line")
+            raise InputError(f"dataset {dataset.name} has no prompt templates; pass --templates imagenet "
+                             "(eval.templates=imagenet) or a file with one template per line")
         return list(dataset.templates)
     if spec == "imagenet":
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
@@ -39,10 +40,10 @@ def resolve_templates(spec: str | None, dataset: EvalDataset) -> list[Template]:
         return list(OPENAI_IMAGENET_TEMPLATES)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"template set {spec!r} is neither dataset, imagenet nor a file")
+        raise MissingInputError(f"template set {spec!r} is neither dataset, imagenet nor a file")
     templates = read_lines(path)
     if not templates:
-        raise ValueError(f"template file {path} is empty")
+        raise InputError(f"template file {path} is empty")
     return templates
 
 
@@ -73,7 +74,7 @@ def classify(towers: Towers, dataset: EvalDataset, templates: Sequence[Template]
     """Zero-shot classification metrics of `towers` on `dataset` at `budget` tokens per image
     (pass `images` to reuse embeddings already computed at that budget)."""
     if dataset.kind != "classification" or not dataset.class_names:
-        raise ValueError(f"dataset {dataset.name} is a {dataset.kind} dataset without class names")
+        raise InputError(f"dataset {dataset.name} is a {dataset.kind} dataset without class names")
     classifier = text_classifier(towers, dataset.class_names, templates).cpu()
     images = images or embed_images(towers, dataset, budget, progress=progress, desc="zero-shot")
     num_classes = len(dataset.class_names)
@@ -86,7 +87,7 @@ def classify(towers: Towers, dataset: EvalDataset, templates: Sequence[Template]
         skipped[reason] += 1
         log.warning("skipping eval sample %s: %s %r", key, reason, label)
     if not keep:
-        raise RuntimeError(f"no labelled image in {dataset.name} (skipped: {dict(skipped)})")
+        raise InputError(f"no labelled image in {dataset.name} (skipped: {dict(skipped)})")
     target = torch.tensor([images.labels[i] for i in keep])
     metrics = classification_metrics(images.emb[keep] @ classifier.T, target)
     return {
@@ -116,12 +117,12 @@ def load_task(shards: str, templates: str = "dataset") -> ZeroShotTask:
     `templates="imagenet"` uses open_clip's 80 ImageNet prompts instead."""
     info_path = Path(expand_shards(shards)[0]).parent / "dataset.json"
     if not info_path.exists():
-        raise FileNotFoundError(f"zero-shot evaluation needs {info_path} with 'class_names' (and 'templates')")
+        raise MissingInputError(f"zero-shot evaluation needs {info_path} with 'class_names' (and 'templates')")
     info = json.loads(info_path.read_text())
     if "class_names" not in info:
-        raise ValueError(f"{info_path} has no 'class_names'")
+        raise InputError(f"{info_path} has no 'class_names'")
     if templates not in TEMPLATE_SETS:
-        raise ValueError(f"unknown template set {templates!r} (one of {', '.join(TEMPLATE_SETS)})")
+        raise InputError(f"unknown template set {templates!r} (one of {', '.join(TEMPLATE_SETS)})")
     dataset = navit_shards(shards)
     return ZeroShotTask(shards=shards, class_names=list(info["class_names"]),
                         templates=resolve_templates(templates, dataset), num_images=info.get("num_eval"))

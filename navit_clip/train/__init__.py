@@ -1,1 +1,1 @@
-"""Training: DeepSpeed engine, LR schedule, checkpoints, metrics and the loop."""
+"""Training: DeepSpeed engine, LR schedule, checkpoints and resume, one step with its guard, metrics and the loop."""

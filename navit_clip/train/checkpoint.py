@@ -9,6 +9,7 @@ export without DeepSpeed) and `rng_rank{R}.pt` (each rank's random generators).
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from navit_clip.errors import InputError, MissingInputError
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -30,10 +32,24 @@ def deepspeed_safe_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, but loading refuses to unpickle arbitrary objects."""
+def safe_checkpoint_engine(config_params: Any):
+    """DeepSpeed's torch checkpoint engine, but loading refuses to unpickle arbitrary objects.
+    DeepSpeed is imported here, not with this module: eval and export read checkpoints without it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    def load(self, path: str, map_location=None):  # noqa: ANN001 - DeepSpeed's signature
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):  # noqa: ANN001 - DeepSpeed's signature
+            return safe_load(path, map_location)
+
+    return SafeCheckpointEngine(config_params=config_params)
+
+
+def safe_load(path: str | Path, map_location: Any = None) -> Any:
+    """torch.load with weights_only=True; DeepSpeed's plain-data classes are allowed (importing
+    DeepSpeed) only for a file that holds them, such as a ZeRO optimizer shard."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
 
@@ -66,9 +82,9 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
         return None
     tag = latest.read_text().strip()
     if not tag:
-        raise ValueError(f"{latest} is empty; point it at a complete checkpoint directory or remove it")
+        raise InputError(f"{latest} is empty; point it at a complete checkpoint directory or remove it")
     if not (Path(ckpt_dir) / tag).is_dir():
-        raise FileNotFoundError(f"{latest} names checkpoint {tag!r}, which is missing from {ckpt_dir}")
+        raise MissingInputError(f"{latest} names checkpoint {tag!r}, which is missing from {ckpt_dir}")
     return tag
 
 
@@ -173,14 +189,13 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
+        raise MissingInputError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
     # rank 0's DeepSpeed file carries the client state; ZeRO-3 names it per data-parallel rank
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     path = next((ckpt_dir / tag / n for n in names if (ckpt_dir / tag / n).exists()), None)
     if path is None:
-        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} has neither {' nor '.join(names)}")
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingInputError(f"checkpoint {tag} in {ckpt_dir} has neither {' nor '.join(names)}")
+    state = safe_load(path, map_location="cpu")
     client = {k: state[k] for k in ("step", "data", "config") if k in state}
     model_file = ckpt_dir / tag / MODEL_FILE
     if model_file.exists():
@@ -188,7 +203,7 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
 
         return load_file(str(model_file)), client
     if path.name != names[0]:
-        raise FileNotFoundError(f"checkpoint {tag} in {ckpt_dir} is a ZeRO-3 checkpoint without {MODEL_FILE}")
+        raise MissingInputError(f"checkpoint {tag} in {ckpt_dir} is a ZeRO-3 checkpoint without {MODEL_FILE}")
     return state["module"], client
 
 
@@ -200,7 +215,7 @@ def load_trained_model(run_dir: str | Path, tag: str | None = None):
     ckpt_dir = Path(run_dir) / "checkpoints"
     weights, client = load_model_state(ckpt_dir, tag)
     if "config" not in client:
-        raise ValueError(f"checkpoint in {ckpt_dir} carries no navit-clip config")
+        raise InputError(f"checkpoint in {ckpt_dir} carries no navit-clip config")
     cfg = config_from_dict(Config, client["config"]).validate()
     model = NaViTCLIP(cfg.model)
     model.load_state_dict(weights, strict=True)

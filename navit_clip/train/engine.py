@@ -16,7 +16,7 @@ from torch import nn
 
 from navit_clip.config import Config, ConfigError, resolve_path
 from navit_clip.model.clip import NaViTCLIP
-from navit_clip.train.checkpoint import SafeCheckpointEngine
+from navit_clip.train.checkpoint import safe_checkpoint_engine
 from navit_clip.train.schedule import warmup_cosine
 
 # A DeepSpeed JSON that sets one of these is refused rather than silently disagreeing with ours.
@@ -58,10 +58,6 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     return ds
 
 
-def zero_stage(cfg: Config) -> int:
-    return int(deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0))
-
-
 def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
     """-> (names of parameters with weight decay, names without), in model order."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED_LAYERS)}
@@ -94,7 +90,7 @@ def build_engine(cfg: Config):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg))
-    engine.checkpoint_engine = SafeCheckpointEngine(config_params=engine._config)
+    engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     return engine, optimizer, scheduler
 
 
