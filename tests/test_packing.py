@@ -346,3 +346,42 @@ def test_lookahead_pads_less_than_placing_on_arrival_on_real_sizes():
 
     arrival, lookahead = padding(open_sequences=8), padding(buffer_size=64)
     assert lookahead < 0.005 < arrival
+
+
+# ------------------------------------------------------------------------------ repeated keys
+
+
+def image_of(key: str, n: int, seed: int) -> PatchedImage:
+    """An image of n tokens in one row; a fresh object (and fresh arrays) on every call."""
+    rng = np.random.default_rng(seed)
+    coords = np.stack([np.zeros(n), np.arange(n)], -1).astype(np.int64)
+    return PatchedImage(key=key, patches=rng.integers(0, 256, (n, PATCH_DIM), dtype=np.uint8), coords=coords,
+                        grid=(1, n), text=rng.integers(1, 49000, TEXT_LEN).astype(np.int64))
+
+
+def test_streaming_two_open_sequences_starting_with_the_same_key():
+    # Two open sequences begin with equal copies of image "a" (as when the data loops into its next
+    # epoch); closing one of them must not compare the images' arrays.
+    images = [image_of("a", 100, 0), image_of("d", 100, 1), image_of("a", 100, 0), image_of("x", 150, 2),
+              image_of("e", 200, 3)]
+    packer, batches = stream_all(images, seq_len=256, max_images=4, sequences_per_batch=1, open_sequences=2)
+    keys = [k for batch in batches for k in batch.keys]
+    assert sorted(keys) == [("a", "d"), ("a", "x"), ("e",)]
+    assert packer.images_emitted == 5
+
+
+@pytest.mark.parametrize("buffer, lag", [(0, 2), (0, 3), (6, 2)])
+def test_streaming_same_shard_twice(buffer, lag):
+    # The same shard given as two sources, the second a few samples behind the first: every copy
+    # of every image comes out once.
+    first = random_images(60, seed=0, max_side=8)
+    second = random_images(60, seed=0, max_side=8)  # equal contents, distinct objects
+    stream = first[:lag] + [im for pair in zip(first[lag:], second) for im in pair] + second[60 - lag:]
+    packer, batches = stream_all(stream, seq_len=64, max_images=8, sequences_per_batch=2, open_sequences=3,
+                                 buffer_size=buffer)
+    by_key = {im.key: im for im in first}
+    seen = []
+    for batch in batches:
+        seen += check_batch(batch, by_key, 64, 8)
+    assert sorted(seen) == sorted(list(by_key) * 2)
+    assert packer.images_emitted == 120

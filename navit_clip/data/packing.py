@@ -19,7 +19,7 @@ import torch
 from navit_clip.batch import PackedBatch
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the same key can arrive twice (a looped epoch, a shard given twice)
 class PatchedImage:
     key: str
     patches: np.ndarray  # [N, P*P*C] uint8
@@ -32,7 +32,7 @@ class PatchedImage:
         return len(self.patches)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: removing one open sequence must not compare image arrays
 class _Sequence:
     capacity: int
     images: list[PatchedImage] = field(default_factory=list)
