@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from navit_clip.config_load import ConfigError, config_from_dict, config_to_dict, parse_overrides  # noqa: F401
+from navit_clip.config_load import (ConfigError, config_from_dict, config_to_dict, parse_overrides,  # noqa: F401
+                                    read_yaml_file)
 from navit_clip.config_load import merge as _merge
 from navit_clip.config_load import preset_named as _preset_named
 from navit_clip.config_load import CONFIG_DIR, REPO_ROOT, resolve_path  # noqa: F401
@@ -260,7 +261,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml_file(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at its top")
         layers.append(loaded)

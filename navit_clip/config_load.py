@@ -112,6 +112,27 @@ def merge(obj: Any, values: dict[str, Any], prefix: str = "", migrate: bool = Fa
             setattr(obj, name, _coerce(key, raw, hints[name]))
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's complaint on one line, with the line and column it points at (1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({' '.join(context.split())})" if context else "")
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A YAML file's contents; unreadable text or a syntax error is a ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["optim.lr=3e-4", "train.steps=10"]` -> nested dict, values parsed as YAML scalars."""
     nested: dict[str, Any] = {}
@@ -125,7 +146,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets a key inside a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {yaml_problem(exc)}") from None
     return nested
 
 

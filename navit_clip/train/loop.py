@@ -27,15 +27,22 @@ from navit_clip.train.engine import build_engine, param_checksum, tower_sizes
 from navit_clip.train.metrics import JsonlLogger, TensorBoardLogger, model_flops, plot_curves
 from navit_clip.train.resume import (find_resume_step, load_resume_point, prepare_run_dir, save_checkpoint,
                                      stream_identity)
+from navit_clip.train.run_lock import hold_run_dir
 from navit_clip.train.step import Counts, StepStats, fault_step, train_step
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train for cfg.train.steps steps (resuming if a checkpoint exists); return a summary."""
+    """Train for cfg.train.steps steps (resuming if a checkpoint exists); return a summary. The
+    run holds train.out_dir from before anything is built until it ends (train/run_lock.py)."""
     dist.init_distributed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    with hold_run_dir(cfg.train.out_dir):
+        return _train_holding_run_dir(cfg)
+
+
+def _train_holding_run_dir(cfg: Config) -> dict[str, Any]:
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     engine, _, scheduler = build_engine(cfg)
