@@ -29,6 +29,7 @@ from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, e
                                     parse_weights, read_raw, read_samples, split_shards, split_sources)
 from navit_clip.data.spec import StreamSpec
 from navit_clip.data.text import CaptionTokenizer
+from navit_clip.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,7 @@ class PackedStream(IterableDataset):
                                     min_side=self.spec.patch_size, draft=self.draft)
             barren = barren + 1 if stats.decoded == decoded else 0
             if barren > 2 * len(source) + 8:
-                raise RuntimeError(f"no usable sample in {barren} shards drawn in a row from {source} "
-                                   f"(skipped: {dict(stats.skipped)})")
+                raise stats.no_usable(f"sample in {barren} draws", source)
 
     def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         spec = self.spec
@@ -171,7 +171,7 @@ class PackedStream(IterableDataset):
                 if quota is not None and in_epoch >= quota:
                     break
             if stats.decoded == 0:
-                raise RuntimeError(f"no usable sample in shards {self.shards} (skipped: {dict(stats.skipped)})")
+                raise stats.no_usable("sample", self.shards)
 
     def _packed_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         """Batches from pre-packed shards: split and shuffled by sequence, no decoding."""
@@ -196,8 +196,7 @@ class PackedStream(IterableDataset):
                 reported = Counter(stats.skipped)
                 yield batch
             if stats.decoded == 0:
-                raise RuntimeError(f"no usable pre-packed sequence in shards {self.shards} "
-                                   f"(skipped: {dict(stats.skipped)})")
+                raise stats.no_usable("pre-packed sequence", self.shards)
 
     def _read_sequences(self, split: ShardSplit, stats: ReadStats) -> Iterator[dict]:
         spec = self.spec
@@ -225,6 +224,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def from_worker(exc: UserError) -> UserError:
+    """A user error raised in a DataLoader worker, as raised there. The DataLoader re-raises it
+    in this process with the worker's whole traceback as its message; the user needs one line."""
+    text = str(exc)
+    if not text.startswith("Caught ") or "DataLoader worker" not in text:
+        return exc
+    _, found, message = text.rpartition(f"{type(exc).__module__}.{type(exc).__qualname__}: ")
+    return type(exc)(message.strip()) if found and message.strip() else exc
+
+
 def make_loader(spec: StreamSpec, *, rank: int = 0, world: int = 1, num_workers: int = 0) -> DataLoader:
     """A DataLoader yielding ready PackedBatches (the packer already batches)."""
     return DataLoader(PackedStream(spec, rank, world), batch_size=None, num_workers=num_workers,
@@ -243,14 +252,16 @@ class ResumableBatches:
         if skip:
             log.info("resuming the data stream: skipping %d batches already trained on", skip)
         for _ in range(skip):
-            next(self._iter)
-            self.batches += 1
+            next(self)
 
     def __iter__(self) -> "ResumableBatches":
         return self
 
     def __next__(self) -> PackedBatch:
-        batch = next(self._iter)
+        try:
+            batch = next(self._iter)
+        except UserError as exc:
+            raise from_worker(exc) from None
         self.batches += 1
         return batch
 

@@ -43,6 +43,11 @@ class ShardError(UserError, ValueError):
     """A shard specification matches nothing, or names a file that is missing."""
 
 
+class NoUsableSampleError(ShardError, RuntimeError):
+    """A reader went through its shards without finding one usable sample (empty or garbage
+    tars, or every sample broken)."""
+
+
 @dataclass
 class Sample:
     key: str
@@ -58,6 +63,14 @@ class ReadStats:
 
     decoded: int = 0
     skipped: Counter = field(default_factory=Counter)
+    unreadable: dict[str, str] = field(default_factory=dict)  # shard -> why it could not be read
+
+    def no_usable(self, what: str, shards: list[str]) -> NoUsableSampleError:
+        """The error for a reader that found no usable `what` in `shards`, naming the shards and why."""
+        named = [f"{shard} ({self.unreadable[shard]})" if shard in self.unreadable else shard for shard in shards[:3]]
+        more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
+        return NoUsableSampleError(f"no usable {what} in shard{'s' if len(shards) > 1 else ''} {', '.join(named)}"
+                                   f"{more} (skipped: {dict(self.skipped)})")
 
     @property
     def num_skipped(self) -> int:
@@ -136,12 +149,27 @@ def read_raw(shards: Iterable[str], stats: ReadStats) -> Iterator[dict[str, Any]
 
     def handler(exc: Exception) -> bool:
         stats.skipped["unreadable_tar_member"] += 1
+        shard, why = _unreadable_shard(exc)
+        if shard is not None:
+            stats.unreadable.setdefault(shard, why)
         log.warning("skipping unreadable data: %s", exc)
         return True
 
     opened = wds.tariterators.url_opener(({"url": s} for s in shards), handler=handler)
     files = wds.tariterators.tar_file_expander(opened, handler=handler)
     yield from wds.tariterators.group_by_keys(files, handler=handler)
+
+
+def _unreadable_shard(exc: Exception) -> tuple[str | None, str]:
+    """(shard, why) from an error of webdataset's tar reader, which appends the shard's URL to
+    the error's arguments; an OSError names its file."""
+    args = getattr(exc, "args", ())
+    if len(args) >= 2 and isinstance(args[-1], str) and isinstance(args[0], str):
+        why = {"empty file": "an empty file", "invalid header": "not a tar archive"}.get(args[0], args[0])
+        return args[-1], why
+    if isinstance(exc, OSError) and exc.filename:
+        return str(exc.filename), exc.strerror or str(exc)
+    return None, str(exc)
 
 
 class BadSample(ValueError):
