@@ -150,9 +150,11 @@ def read_raw(shards: Iterable[str], stats: ReadStats) -> Iterator[dict[str, Any]
     def handler(exc: Exception) -> bool:
         stats.skipped["unreadable_tar_member"] += 1
         shard, why = _unreadable_shard(exc)
-        if shard is not None:
+        if shard is None:
+            log.warning("skipping unreadable data: %s", exc)
+        else:
+            log.warning("skipping unreadable data in shard %s: %s", shard, why)
             stats.unreadable.setdefault(shard, why)
-        log.warning("skipping unreadable data: %s", exc)
         return True
 
     opened = wds.tariterators.url_opener(({"url": s} for s in shards), handler=handler)
