@@ -146,11 +146,12 @@ def split_shards(shards: list[str], rank: int, world: int, worker: int, num_work
 
 def read_raw(shards: Iterable[str], stats: ReadStats) -> Iterator[dict[str, Any]]:
     """Yield raw samples ({'__key__', '__url__', ext: bytes}) from tar shards, skipping broken ones."""
+    shards = list(shards)
 
     def handler(exc: Exception) -> bool:
         stats.skipped["unreadable_tar_member"] += 1
         shard, why = _unreadable_shard(exc)
-        if shard is None:
+        if shard not in shards:
             log.warning("skipping unreadable data: %s", exc)
         else:
             log.warning("skipping unreadable data in shard %s: %s", shard, why)
