@@ -109,10 +109,9 @@ def check_out_dir(out_dir: Path) -> None:
 
 @contextlib.contextmanager
 def hold_run_dir(out_dir: str | Path) -> Iterator[None]:
-    """Hold train.out_dir for the run: rank 0 takes the lock, and every rank fails together when
-    it cannot (the other ranks learn it through a broadcast)."""
+    """Hold train.out_dir for the run: rank 0 checks the folder and takes the lock, and every rank
+    fails together when it cannot (the other ranks learn it through a broadcast)."""
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
     lock, error = RunLock(out_dir), None
     if dist.is_main():
         try:
