@@ -198,3 +198,62 @@ def test_write_failures_that_mean_a_full_disk(tmp_path, monkeypatch):
     assert is_disk_full(RuntimeError("unexpected pos 576 vs 534"), tmp_path)
     message = disk_full_message(tmp_path, tmp_path / "step4", OSError(errno.ENOSPC, "full", str(tmp_path / "x.pt")))
     assert f"to {tmp_path / 'x.pt'}: " in message and "100 bytes free" in message
+
+
+# --- through the CLI ------------------------------------------------------------------------------
+
+#: `navit-clip train` whose writes into a step4 checkpoint fail as on a full disk
+FULL_DISK_AT_STEP4 = """
+import errno, sys, torch
+from navit_clip import cli
+save = torch.save
+def save_on_a_full_disk(obj, f, *args, **kwargs):
+    if "step4" in str(f):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    return save(obj, f, *args, **kwargs)
+torch.save = save_on_a_full_disk
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def run_train(shards: str, out: Path, steps: int, inject: str | None = None):
+    import subprocess
+    import sys
+
+    from processes import TINY_TRAIN
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    start = ["-c", inject] if inject else ["-m", "navit_clip"]
+    return subprocess.run([sys.executable, *start, "train", *TINY_TRAIN, "optim.warmup_steps=2",
+                           f"data.train_shards={shards}", f"train.out_dir={out}", f"train.steps={steps}",
+                           "train.ckpt_every=1"], capture_output=True, text=True, timeout=400, env=env)
+
+
+@pytest.mark.slow
+def test_cli_resumes_past_a_truncated_checkpoint_and_stops_cleanly_on_a_full_disk(tmp_path):
+    from navit_clip.data.digits import make_digit_shards
+
+    shards = make_digit_shards(tmp_path / "digits", train_copies=1, eval_per_class=2, max_train_digits=100,
+                               shards_train=2, shards_eval=1)["train_shards"]
+    run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert run_train(shards, run, steps=2).returncode == 0
+    assert (ckpt / "step2" / "model.safetensors").stat().st_mode & 0o777 == new_file_mode()
+
+    damaged = ckpt / "step2" / "mp_rank_00_model_states.pt"
+    os.truncate(damaged, damaged.stat().st_size // 2)
+    proc = run_train(shards, run, steps=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["resumed_from"] == 1
+    warning = next(line for line in proc.stderr.splitlines() if "damaged" in line)
+    assert str(damaged) in warning and "step 2" in warning and "resuming from step 1" in warning
+    assert latest_tag(ckpt) == "step3" and checkpoint_problem(ckpt / "step2") is None  # step 2 written again
+
+    proc = run_train(shards, run, steps=4, inject=FULL_DISK_AT_STEP4)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"navit-clip train: error: no space left on device writing checkpoint step4 to {ckpt}")
+    assert "(the size of step3)" in error and "resume from step3" in error
+    assert latest_tag(ckpt) == "step3"
+    # after freeing space, the same command resumes from the last complete checkpoint
+    proc = run_train(shards, run, steps=4)
+    assert proc.returncode == 0 and json.loads(proc.stdout[proc.stdout.index("{"):])["resumed_from"] == 3
