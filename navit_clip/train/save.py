@@ -29,14 +29,14 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, data_state: dict, cfg: Co
     try:
         files = write_checkpoint_files(engine, tag_dir, step, data_state, cfg, stage)
         write_manifest(tag_dir, dist.rank(), dist.world_size(), step, files)
+        dist.barrier()  # every rank's files are written before `latest` may name them
+        if dist.is_main():
+            write_latest(ckpt_dir, tag_dir.name)
+            prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
     except Exception as exc:
         if is_disk_full(exc, ckpt_dir):
             raise DiskFullError(disk_full_message(ckpt_dir, tag_dir, exc)) from exc
         raise
-    dist.barrier()  # every rank's files are written before `latest` may name them
-    if dist.is_main():
-        write_latest(ckpt_dir, tag_dir.name)
-        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
     dist.barrier()
 
 
