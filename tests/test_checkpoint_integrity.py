@@ -257,3 +257,13 @@ def test_cli_resumes_past_a_truncated_checkpoint_and_stops_cleanly_on_a_full_dis
     # after freeing space, the same command resumes from the last complete checkpoint
     proc = run_train(shards, run, steps=4)
     assert proc.returncode == 0 and json.loads(proc.stdout[proc.stdout.index("{"):])["resumed_from"] == 3
+
+
+def test_eval_and_export_name_a_damaged_checkpoint_file(tmp_path):
+    from navit_clip.train.checkpoint import load_model_state
+
+    ckpt = tmp_path / "checkpoints"
+    tag_dir = fake_checkpoint(ckpt, 2)
+    os.truncate(tag_dir / "model.safetensors", 7)
+    with pytest.raises(CheckpointError, match=f"checkpoint step2 is damaged: {tag_dir / 'model.safetensors'} has 7 bytes"):
+        load_model_state(ckpt)

@@ -19,7 +19,8 @@ import numpy as np
 
 import torch
 
-from navit_clip.errors import InputError, MissingInputError
+from navit_clip.errors import CheckpointError, InputError, MissingInputError
+from navit_clip.train.manifest import checkpoint_problem, has_manifest
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -229,9 +230,13 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
     path = next((ckpt_dir / tag / n for n in names if (ckpt_dir / tag / n).exists()), None)
     if path is None:
         raise MissingInputError(f"checkpoint {tag} in {ckpt_dir} has neither {' nor '.join(names)}")
+    model_file = ckpt_dir / tag / MODEL_FILE
+    if has_manifest(ckpt_dir / tag):
+        problem = checkpoint_problem(ckpt_dir / tag, only=(path.name, MODEL_FILE))
+        if problem:
+            raise CheckpointError(f"checkpoint {tag} is damaged: {problem}; choose an earlier one with --tag stepN")
     state = safe_load(path, map_location="cpu")
     client = {k: state[k] for k in ("step", "data", "config") if k in state}
-    model_file = ckpt_dir / tag / MODEL_FILE
     if model_file.exists():
         from safetensors.torch import load_file
 

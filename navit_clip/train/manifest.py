@@ -83,16 +83,19 @@ def _file_problem(path: Path, record: dict) -> str | None:
     return None
 
 
-def checkpoint_problem(tag_dir: str | Path) -> str | None:
+def checkpoint_problem(tag_dir: str | Path, only: Iterable[str] | None = None) -> str | None:
     """Why the checkpoint in tag_dir is not complete (a missing manifest or file, a file whose size
-    or checksum differs from the recorded one), or None when every recorded file checks out.
-    Sizes are compared first; files are hashed in parallel threads."""
+    or checksum differs from the recorded one), or None when every recorded file (or each of
+    `only` that is recorded) checks out. Sizes are compared first; files are hashed in parallel
+    threads."""
     tag_dir = Path(tag_dir)
     if not has_manifest(tag_dir):
         return f"{tag_dir / manifest_name(0)} is missing (the save did not finish)"
     records, problem = _read_manifests(tag_dir)
     if problem:
         return problem
+    if only is not None:
+        records = {name: records[name] for name in only if name in records}
     for name, record in records.items():  # cheap checks first: a truncated file needs no hashing
         path = tag_dir / name
         if not path.exists() or path.stat().st_size != record["bytes"]:
