@@ -98,7 +98,12 @@ def check_same_model(cfg: Config, tag_dir: Path) -> None:
         saved_path = tag_dir.parent.parent / CONFIG_FILE
     if not saved_path.exists():
         return
-    saved = _flat(config_to_dict(config_from_dict(Config, json.loads(saved_path.read_text())))["model"], "model")
+    saved = json.loads(saved_path.read_text())
+    try:  # keys moved since the checkpoint was written are compared at their new paths
+        saved = config_to_dict(config_from_dict(Config, saved))
+    except ConfigError:
+        pass  # a key this version does not know: compare the model section as it was saved
+    saved = _flat(saved.get("model", {}), "model")
     current = _flat(config_to_dict(cfg)["model"], "model")
     changed = sorted(k for k in saved.keys() | current.keys()
                      if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != current.get(k))
