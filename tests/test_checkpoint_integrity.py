@@ -18,7 +18,6 @@ import torch
 
 from navit_clip.config import ConfigError, config_to_dict, load_config
 from navit_clip.errors import CheckpointError, DiskFullError, InputError, UserError
-from navit_clip.train import save as save_module
 from navit_clip.train.checkpoint import latest_tag, new_file_mode, save_model_file, save_rng_state, step_tag, write_latest
 from navit_clip.train.manifest import checkpoint_problem, file_digest, manifest_name, write_manifest
 from navit_clip.train.resume import find_resume_step
