@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,15 @@ def broadcast_int(value: int, src: int = 0) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.broadcast(t, src=src)
     return int(t.item())
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank src's (picklable) value on every rank, e.g. a decision with the error that explains it."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -16,3 +16,12 @@ class InputError(UserError, ValueError):
 class MissingInputError(UserError, FileNotFoundError):
     """A path the user named does not exist, or lacks a file it must hold (a run's checkpoint, an
     export's config, a dataset's class names)."""
+
+
+class CheckpointError(UserError):
+    """A run's checkpoints cannot be resumed as they are: `latest` is damaged, no complete
+    checkpoint is left, or the configuration differs from the checkpoint's."""
+
+
+class DiskFullError(UserError):
+    """Writing a checkpoint ran out of disk space; `latest` still names the last complete one."""

@@ -19,7 +19,8 @@ import numpy as np
 
 import torch
 
-from navit_clip.errors import InputError, MissingInputError
+from navit_clip.errors import CheckpointError, InputError, MissingInputError
+from navit_clip.train.manifest import checkpoint_problem, has_manifest
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -38,8 +39,23 @@ def safe_checkpoint_engine(config_params: Any):
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
+        """Also remembers the files this rank saved, for the checkpoint's manifest."""
+
+        def __init__(self, config_params: Any = None) -> None:
+            super().__init__(config_params)
+            self.written: list[str] = []
+
+        def save(self, state_dict, path: str) -> None:  # noqa: ANN001 - DeepSpeed's signature
+            self.written.append(str(path))
+            super().save(state_dict, path)
+
         def load(self, path: str, map_location=None):  # noqa: ANN001 - DeepSpeed's signature
             return safe_load(path, map_location)
+
+        def take_written(self) -> list[str]:
+            """The files saved since the last call."""
+            written, self.written = self.written, []
+            return written
 
     return SafeCheckpointEngine(config_params=config_params)
 
@@ -82,7 +98,7 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
         return None
     tag = latest.read_text().strip()
     if not tag:
-        raise InputError(f"{latest} is empty; point it at a complete checkpoint directory or remove it")
+        raise InputError(f"{latest} is empty; write the name of a complete checkpoint directory (stepN) into it")
     if not (Path(ckpt_dir) / tag).is_dir():
         raise MissingInputError(f"{latest} names checkpoint {tag!r}, which is missing from {ckpt_dir}")
     return tag
@@ -131,17 +147,34 @@ def consolidated_state_dict(engine, stage: int) -> dict[str, torch.Tensor] | Non
             for k, v in state.items()}
 
 
-def save_model_file(engine, tag_dir: Path, stage: int) -> None:
-    """Write tag_dir/model.safetensors from rank 0 (atomically: a temporary file, then rename)."""
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file (0o666 less the umask), read without changing the umask."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_model_file(engine, tag_dir: Path, stage: int) -> str | None:
+    """Write tag_dir/model.safetensors from rank 0 (atomically: a temporary file, then rename) with
+    the permissions of the other checkpoint files (safetensors creates its file 0600) -> its name
+    on rank 0, None elsewhere."""
     from safetensors.torch import save_file
 
     state = consolidated_state_dict(engine, stage)
     if state is None:
-        return
+        return None
     tag_dir.mkdir(parents=True, exist_ok=True)
     tmp = tag_dir / (MODEL_FILE + ".tmp")
     save_file(state, str(tmp))
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, tag_dir / MODEL_FILE)
+    return MODEL_FILE
 
 
 def rng_state() -> dict[str, Any]:
@@ -165,11 +198,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_rng_state(tag_dir: Path, rank: int) -> None:
+def save_rng_state(tag_dir: Path, rank: int) -> str:
+    """Write this rank's generators -> the file's name."""
     tag_dir.mkdir(parents=True, exist_ok=True)
     tmp = tag_dir / f"rng_rank{rank}.pt.tmp"
     torch.save(rng_state(), tmp)
     os.replace(tmp, tag_dir / f"rng_rank{rank}.pt")
+    return f"rng_rank{rank}.pt"
 
 
 def load_rng_state(tag_dir: Path, rank: int) -> bool:
@@ -195,9 +230,13 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
     path = next((ckpt_dir / tag / n for n in names if (ckpt_dir / tag / n).exists()), None)
     if path is None:
         raise MissingInputError(f"checkpoint {tag} in {ckpt_dir} has neither {' nor '.join(names)}")
+    model_file = ckpt_dir / tag / MODEL_FILE
+    if has_manifest(ckpt_dir / tag):
+        problem = checkpoint_problem(ckpt_dir / tag, only=(path.name, MODEL_FILE))
+        if problem:
+            raise CheckpointError(f"checkpoint {tag} is damaged: {problem}; choose an earlier one with --tag stepN")
     state = safe_load(path, map_location="cpu")
     client = {k: state[k] for k in ("step", "data", "config") if k in state}
-    model_file = ckpt_dir / tag / MODEL_FILE
     if model_file.exists():
         from safetensors.torch import load_file
 

@@ -2,8 +2,9 @@
 
 Every `train.ckpt_every` steps (and at the end) it writes a DeepSpeed checkpoint holding the
 model, optimizer, LR schedule, step and data-stream position; a restarted run with the same
-`train.out_dir` continues from the last complete one (train/resume.py). One step, its non-finite
-guard and its counts live in train/step.py; the metrics rows here.
+`train.out_dir` continues from the last complete one (train/save.py writes them, train/resume.py
+finds and loads them). One step, its non-finite guard and its counts live in train/step.py; the
+metrics rows here.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from navit_clip.data.spec import stream_spec
 from navit_clip.train.checkpoint import latest_tag
 from navit_clip.train.engine import build_engine, param_checksum, tower_sizes
 from navit_clip.train.metrics import JsonlLogger, TensorBoardLogger, model_flops, plot_curves
-from navit_clip.train.resume import (find_resume_step, load_resume_point, prepare_run_dir, save_checkpoint,
-                                     stream_identity)
+from navit_clip.train.resume import find_resume_step, load_resume_point, prepare_run_dir, stream_identity
 from navit_clip.train.run_lock import hold_run_dir
+from navit_clip.train.save import save_checkpoint
 from navit_clip.train.step import Counts, StepStats, fault_step, train_step
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ def train(cfg: Config) -> dict[str, Any]:
 def _train_holding_run_dir(cfg: Config) -> dict[str, Any]:
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
+    found_step = find_resume_step(cfg, ckpt_dir)  # before the engine: a refusal costs no model build
     engine, _, scheduler = build_engine(cfg)
-    found_step = find_resume_step(cfg, ckpt_dir)
     spec = stream_spec(cfg)
     stream_id = stream_identity(spec, cfg)
     start_step, data_state = load_resume_point(engine, ckpt_dir, found_step, stream_id)

@@ -1,6 +1,7 @@
 """Resume points: what each checkpoint saves besides the weights (step, data-stream position and
 identity, random generators), and how a restarted run with the same `train.out_dir` finds the
-last complete one, checks that it may continue it, and loads it."""
+last complete one (its files match their manifests), checks that it may continue it (the same
+model and data stream), and loads it."""
 
 from __future__ import annotations
 
@@ -11,30 +12,115 @@ from pathlib import Path
 from typing import Any
 
 from navit_clip import dist
-from navit_clip.config import Config, ConfigError, config_to_dict
+from navit_clip.config import Config, ConfigError, config_from_dict, config_to_dict
 from navit_clip.data.spec import StreamSpec
 from navit_clip.data.shards import expand_shards
-from navit_clip.errors import InputError
-from navit_clip.train.checkpoint import (latest_tag, load_rng_state, prune_checkpoints, save_model_file,
-                                        save_rng_state, step_tag, tag_step, write_latest)
+from navit_clip.errors import CheckpointError, UserError
+from navit_clip.train.checkpoint import latest_tag, load_rng_state, step_tag, tag_step
+from navit_clip.train.manifest import checkpoint_problem, has_manifest
+from navit_clip.train.save import CONFIG_FILE
 from navit_clip.train.metrics import truncate_jsonl
 
 log = logging.getLogger(__name__)
 
 
+#: model keys that decide how the model is computed or initialised, not which weights it has and
+#: what it learns: these may change when a run resumes (a preset is resolved into the sizes, which
+#: are compared)
+RESUMABLE_MODEL_KEYS = frozenset({
+    "model.vision.attention", "model.vision.grad_checkpointing", "model.vision.compile", "model.vision.preset",
+    "model.text.grad_checkpointing", "model.loss_chunk_size", "model.init_logit_scale", "model.init_logit_bias",
+})
+
+
 def find_resume_step(cfg: Config, ckpt_dir: Path) -> int:
-    """The step of the last complete checkpoint, or -1 for a fresh run. Rank 0 decides, so that
-    ranks never disagree (a node that cannot see train.out_dir then fails to load instead of
-    silently starting from step 0)."""
-    found = latest_tag(ckpt_dir) if dist.is_main() else None
-    if found is not None and tag_step(found) is None:
-        raise InputError(f"{ckpt_dir / 'latest'} names {found!r}, which is not a navit-clip step checkpoint")
-    found_step = dist.broadcast_int(-1 if found is None else tag_step(found))
-    if found_step >= 0 and not cfg.train.resume:
-        raise ConfigError(f"train.out_dir {Path(cfg.train.out_dir)} already holds checkpoints (latest: "
-                          f"{step_tag(found_step)}); set train.resume=true to continue that run or choose a new "
-                          "train.out_dir")
-    return found_step
+    """The step of the last complete checkpoint, or -1 for a fresh run. Rank 0 decides and every
+    rank takes its decision, or raises its error, so that ranks never disagree (a node that cannot
+    see train.out_dir then fails to load instead of silently starting from step 0)."""
+    decision: int | UserError = -1
+    if dist.is_main():
+        try:
+            decision = choose_resume_step(cfg, ckpt_dir)
+        except UserError as exc:
+            decision = exc
+    decision = dist.broadcast_object(decision)
+    if isinstance(decision, UserError):
+        raise decision
+    return decision
+
+
+def choose_resume_step(cfg: Config, ckpt_dir: Path) -> int:
+    """Rank 0's decision: -1 without checkpoints, else the newest complete checkpoint's step (whose
+    model settings must be the configured ones)."""
+    latest = latest_tag(ckpt_dir)
+    if latest is None:
+        return -1
+    if tag_step(latest) is None:
+        raise CheckpointError(f"{ckpt_dir / 'latest'} names {latest!r}, which is not a navit-clip step checkpoint; "
+                              "write the name of a complete checkpoint directory (stepN) into it")
+    if not cfg.train.resume:
+        raise ConfigError(f"train.out_dir {Path(cfg.train.out_dir)} already holds checkpoints (latest: {latest}); "
+                          "set train.resume=true to continue that run or choose a new train.out_dir")
+    tag = complete_checkpoint(ckpt_dir, latest)
+    check_same_model(cfg, ckpt_dir / tag)
+    return tag_step(tag)
+
+
+def complete_checkpoint(ckpt_dir: Path, latest: str) -> str:
+    """The newest checkpoint, from the one `latest` names down, whose files all match their
+    manifests; a damaged one is skipped with a warning that names the file. One written before
+    checkpoints had manifests is taken as it is."""
+    if not has_manifest(ckpt_dir / latest):
+        log.info("checkpoint %s has no manifest (written by an earlier version): not verified", latest)
+        return latest
+    older = sorted((p.name for p in ckpt_dir.glob("step*")
+                    if p.is_dir() and tag_step(p.name) is not None and tag_step(p.name) < tag_step(latest)),
+                   key=tag_step, reverse=True)
+    problems = []
+    for tag in (latest, *older):
+        problem = checkpoint_problem(ckpt_dir / tag)
+        if problem is None:
+            if problems:
+                log.warning("skipping damaged checkpoints (%s); resuming from step %d, the previous complete "
+                            "checkpoint", "; ".join(problems), tag_step(tag))
+            return tag
+        problems.append(f"step {tag_step(tag)}: {problem}")
+    raise CheckpointError(f"no complete checkpoint left in {ckpt_dir} ({'; '.join(problems)}); restore those files, "
+                          "or start over with a new train.out_dir")
+
+
+def check_same_model(cfg: Config, tag_dir: Path) -> None:
+    """Refuse, before any weights are loaded, model settings that differ from the checkpoint's:
+    its weights would not fit, or it would learn something else. Naming the keys beats
+    DeepSpeed's state-dict mismatch dump."""
+    saved_path = tag_dir / CONFIG_FILE
+    if not saved_path.exists():  # written before checkpoints held their config: the run's last one
+        saved_path = tag_dir.parent.parent / CONFIG_FILE
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    try:  # keys moved since the checkpoint was written are compared at their new paths
+        saved = config_to_dict(config_from_dict(Config, saved))
+    except ConfigError:
+        pass  # a key this version does not know: compare the model section as it was saved
+    saved = _flat(saved.get("model", {}), "model")
+    current = _flat(config_to_dict(cfg)["model"], "model")
+    changed = sorted(k for k in saved.keys() | current.keys()
+                     if k not in RESUMABLE_MODEL_KEYS and saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume: the model differs from the checkpoint's {saved_path} ({details}); resume "
+                          "with the checkpoint's model settings, or start a new train.out_dir")
+
+
+def _flat(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
 
 
 def load_resume_point(engine, ckpt_dir: Path, found_step: int,
@@ -61,20 +147,6 @@ def prepare_run_dir(cfg: Config, out_dir: Path, start_step: int) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         truncate_jsonl(out_dir / "metrics.jsonl", start_step)
-
-
-def save_checkpoint(engine, ckpt_dir: Path, step: int, data_state: dict, cfg: Config, stage: int) -> None:
-    """Every rank writes its part; only then does `latest` name the new checkpoint."""
-    tag = step_tag(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                           client_state={"step": step, "data": data_state, "config": config_to_dict(cfg)})
-    save_model_file(engine, ckpt_dir / tag, stage)  # a collective under ZeRO-3
-    save_rng_state(ckpt_dir / tag, dist.rank())
-    dist.barrier()  # every rank's files are written before `latest` may name them
-    if dist.is_main():
-        write_latest(ckpt_dir, tag)
-        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
-    dist.barrier()
 
 
 def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
