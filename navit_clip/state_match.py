@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -84,7 +85,7 @@ def suspect_keys(build: Callable[[dict], nn.Module], config: dict, keys: list[tu
                 fixed = sum(shapes.get(name) == found.get(name) for name, _ in wrong)
                 score = (fixed, len(touched & wrong) / len(touched | wrong))
                 if key not in best or score > best[key][0]:
-                    best[key] = (score, other if fixed == len(wrong) and not differing(shapes, found) else None)
+                    best[key] = (score, None if differing(shapes, found) else other)
     top = max((score for score, _ in best.values()), default=None)
     return [(key, fits) for key, (score, fits) in best.items() if score == top]
 
@@ -100,13 +101,12 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], *, build
     expected, found = shapes_of(module.state_dict()), shapes_of(state)
     wrong = differing(expected, found)
     if wrong:
-        values = {key: value for key, value, _ in keys}
-        named = " or ".join(f"{key} (config.json: {values[key]}" + (f", the weights fit {fits})" if fits is not None
-                                                                   else ")")
-                            for key, fits in suspect_keys(build, config, keys, found)) or "its model settings"
+        values, source = {key: value for key, value, _ in keys}, Path(config_file).name
+        named = " or ".join(f"{key} ({source}: {values[key]}" + ("" if fits is None else f", the weights fit {fits}")
+                            + ")" for key, fits in suspect_keys(build, config, keys, found)) or "its model settings"
         example = min(name for name, _ in wrong)
         count = f"{len(wrong)} tensors differ" if len(wrong) > 1 else "1 tensor differs"
         raise InputError(f"{config_file} does not match the weights in {weights_file}: check {named}; {count}, "
                          f"e.g. {example} is {_shape(found.get(example))} in the weights but "
-                         f"{_shape(expected.get(example))} for config.json")
+                         f"{_shape(expected.get(example))} for {source}")
     module.load_state_dict(state, strict=True)

@@ -251,7 +251,8 @@ def test_config_that_disagrees_with_the_weights_names_the_key(model, tmp_path, t
         load(out)
     message = str(raised.value)
     assert "\n" not in message and len(message) < 400
-    assert message.startswith(f"{out / 'config.json'} does not match the weights in {tower if tower == 'text' else 'model'}")
+    weights = "text.safetensors" if tower == "text" else "model.safetensors"
+    assert message.startswith(f"{out / 'config.json'} does not match the weights in {weights}: ")
     assert f"check {key} (config.json: {value}, the weights fit {fits})" in message
 
 
