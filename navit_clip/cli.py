@@ -20,19 +20,24 @@ from navit_clip.errors import InputError, UserError
 
 def make_shards_command(out: str, train_copies: int = 2, seed: int = 0, images: str | None = None,
                         captions: str | None = None, img2dataset: str | None = None, per_shard: int = 1000,
-                        prefix: str = "shard", max_side: int = 0) -> dict:
+                        prefix: str = "shard", max_side: int = 0, allow_outside_images: bool = False,
+                        overwrite: bool = False) -> dict:
     """Shards from images + captions or img2dataset output; with neither, the bundled digits."""
     if images or img2dataset:
-        return _make_shards_from_files(out, images, captions, img2dataset, per_shard, prefix, max_side)
+        return _make_shards_from_files(out, images, captions, img2dataset, per_shard, prefix, max_side,
+                                       allow_outside_images, overwrite)
     from navit_clip.data.digits import make_digit_shards
+    from navit_clip.data.make_shards import prepare_out_dir
 
+    prepare_out_dir(out, overwrite)
     info = make_digit_shards(out, train_copies=train_copies, seed=seed)
     print(f"wrote {info['num_train']} training and {info['num_eval']} evaluation samples to {out}")
     return info
 
 
 def _make_shards_from_files(out: str, images: str | None, captions: str | None, img2dataset: str | None,
-                            per_shard: int, prefix: str, max_side: int) -> dict:
+                            per_shard: int, prefix: str, max_side: int, allow_outside_images: bool,
+                            overwrite: bool) -> dict:
     from navit_clip.data.make_shards import make_shards, read_caption_file, read_image_folder
 
     if img2dataset:
@@ -40,8 +45,9 @@ def _make_shards_from_files(out: str, images: str | None, captions: str | None, 
     else:
         if not captions:
             raise InputError("--images needs --captions (a CSV, TSV or JSONL file of image and caption)")
-        entries = list(read_caption_file(captions, images))
-    info = make_shards(iter(entries), out, per_shard=per_shard, prefix=prefix, max_side=max_side, total=len(entries))
+        entries = list(read_caption_file(captions, images, allow_outside_images))
+    info = make_shards(iter(entries), out, per_shard=per_shard, prefix=prefix, max_side=max_side, total=len(entries),
+                       overwrite=overwrite)
     print(f"wrote {info['num_samples']} samples in {info['num_shards']} shards to {out} ({info['shards']}); "
           f"skipped {sum(info['skipped'].values())}: {info['skipped']}")
     return info
@@ -114,25 +120,26 @@ def eval_command(run: str, shards: str | None = None, tag: str | None = None, ta
 
 
 def export_command(run: str, tag: str | None = None, out: str | None = None, with_text: bool = False,
-                   torch_export: int = 0) -> dict:
+                   torch_export: int = 0, overwrite: bool = False) -> dict:
     """Export the image encoder (and the text encoder) of a run; optionally a torch.export program."""
     from navit_clip.export import export_image_encoder
     from navit_clip.train.checkpoint import load_trained_model
 
     model, cfg, step = load_trained_model(run, tag)
     path = export_image_encoder(model, out or Path(run) / "export", max_tokens_per_image=cfg.data.resolution.max_tokens,
-                                seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, with_text=with_text)
+                                seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, with_text=with_text,
+                                overwrite=overwrite)
     what = "image and text encoders" if with_text else "image encoder"
     print(f"exported the {what} of step {step} to {path} (load with navit_clip.export.load_image_encoder)")
     if torch_export:
         import torch
 
-        from navit_clip.export import export_program, load_image_encoder
+        from navit_clip.export import PROGRAM_FILE, export_program, load_image_encoder
 
         program = export_program(load_image_encoder(path), num_sequences=torch_export)
-        torch.export.save(program, str(path / "image_encoder.pt2"))
+        torch.export.save(program, str(path / PROGRAM_FILE))
         print(f"torch.export program (packed input, {torch_export} x {cfg.data.seq_len} tokens) -> "
-              f"{path / 'image_encoder.pt2'}")
+              f"{path / PROGRAM_FILE}")
     return {"export": str(path), "step": step}
 
 
@@ -146,7 +153,7 @@ def demo_command(config_path: str, data: str, out: str, overrides: Sequence[str]
     train_command(config_path, [f"data.train_shards={info['train_shards']}", f"data.eval_shards={info['eval_shards']}",
                                 f"train.out_dir={out}", *overrides])
     result = eval_command(out)
-    export = export_command(out)
+    export = export_command(out, overwrite=True)  # the run's own export folder: replaced by the new one
     print("\nnavit-clip demo finished in {:.0f} s".format(time.perf_counter() - started))
     print(f"  dataset      {data_dir}")
     print(f"  run          {out}  (config.json, metrics.jsonl, checkpoints/)")
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-text", action="store_true", help="also export the text encoder (zero-shot from the export)")
     p.add_argument("--torch-export", type=int, default=0, metavar="S",
                    help="also write image_encoder.pt2: torch.export of the packed forward at S sequences")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(handler=export_command)
 
     p = sub.add_parser("make-shards", help="WebDataset shards from images + captions, img2dataset output, "
@@ -206,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     p.add_argument("--prefix", default="shard")
     p.add_argument("--max-side", type=int, default=0, help="shrink larger images to this side (0: keep native)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="read caption-file paths that are absolute or lead outside --images")
+    p.add_argument("--overwrite", action="store_true", help="remove shards an earlier run left in --out")
     p.set_defaults(handler=make_shards_command)
 
     p = sub.add_parser("pack-shards", help="pre-pack raw shards into shards of ready packed sequences")
@@ -226,12 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(argv: list[str] | None = None) -> dict:
+    """The options of one command as its handler's keyword arguments. Overrides may come before
+    and after options (`train a=1 --resume never b=2`): argparse gives a `nargs="*"` positional
+    only its first run of words, so later runs are appended to it here."""
+    parser = build_parser()
+    namespace, extras = parser.parse_known_args(argv)
+    options = vars(namespace)
+    stray = [word for word in extras if word.startswith("-") or "overrides" not in options]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:
+        options["overrides"] = [*options["overrides"], *extras]
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An error the user can fix (UserError) is one line on stderr and exit
     status 2; anything else is a bug and keeps its traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    options = vars(build_parser().parse_args(argv))
+    options = parse_command_line(argv)
     command, handler = options.pop("command"), options.pop("handler")
     options.pop("local_rank")
     try:

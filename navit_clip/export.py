@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,16 +33,19 @@ from navit_clip.errors import InputError, MissingInputError
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.model.navit import unpack_grids
 from navit_clip.model.towers import ImageTower, TextTower
+from navit_clip.state_match import config_keys, load_matching
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "config.json"
 IMAGE_WEIGHTS_FILE = "model.safetensors"
 TEXT_WEIGHTS_FILE = "text.safetensors"
+PROGRAM_FILE = "image_encoder.pt2"  # the torch.export program `navit-clip export --torch-export` adds
 # Formats 1 (image tower only) and 2 (both towers) kept one file, keyed by the CLIP model's earlier names.
 LEGACY_WEIGHTS_FILES = {1: "image_encoder.safetensors", 2: "model.safetensors"}
 LEGACY_KEYS = {"image": {"visual.": "navit.", "image_proj.": "proj."},
                "text": {"text.": "transformer.", "text_proj.": "proj.", "logit_scale": "logit_scale"}}
+EXPORT_FILES = (CONFIG_FILE, IMAGE_WEIGHTS_FILE, TEXT_WEIGHTS_FILE, PROGRAM_FILE, *LEGACY_WEIGHTS_FILES.values())
 
 
 class ImageEncoder(ImageTower):
@@ -139,17 +143,31 @@ def _to_pil(image: torch.Tensor, index: int) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")
 
 
-def export_image_encoder(model: NaViTCLIP, out_dir: str | Path, *, max_tokens_per_image: int, seq_len: int,
-                         max_images: int, with_text: bool = False) -> Path:
-    """Write the image tower of a trained NaViTCLIP (and, with_text, the text tower and the
-    learned temperature) to out_dir."""
-    out = Path(out_dir)
+def _prepare_export_dir(out: Path, overwrite: bool) -> None:
+    """An export folder holds one export: a non-empty folder is refused, or with `overwrite` the
+    files of the earlier export are removed (only those, so a wrong --out loses nothing else)."""
     out.mkdir(parents=True, exist_ok=True)
+    present = sorted(p.name for p in out.iterdir())
+    if present and not overwrite:
+        raise InputError(f"export folder {out} is not empty ({', '.join(present[:4])}"
+                         f"{', ...' if len(present) > 4 else ''}): pass --overwrite to replace the export in it")
+    foreign = [name for name in present if name not in EXPORT_FILES]
+    if foreign:
+        raise InputError(f"export folder {out} holds files an export does not write ({', '.join(foreign[:4])}): "
+                         "export into an empty folder")
+    for name in present:
+        (out / name).unlink()
+
+
+def export_image_encoder(model: NaViTCLIP, out_dir: str | Path, *, max_tokens_per_image: int, seq_len: int,
+                         max_images: int, with_text: bool = False, overwrite: bool = False) -> Path:
+    """Write the image tower of a trained NaViTCLIP (and, with_text, the text tower and the
+    learned temperature) to out_dir, which must be empty unless `overwrite` replaces its export."""
+    out = Path(out_dir)
+    _prepare_export_dir(out, overwrite)
     _save_tower(model.image, out / IMAGE_WEIGHTS_FILE)
     if with_text:
         _save_tower(model.text, out / TEXT_WEIGHTS_FILE)
-    else:  # a text tower left from an earlier export into this folder is not part of this one
-        (out / TEXT_WEIGHTS_FILE).unlink(missing_ok=True)
     navit = model.image.navit
     config = {"format_version": FORMAT_VERSION, "architecture": "navit-clip",
               "weights": {"image": IMAGE_WEIGHTS_FILE, "text": TEXT_WEIGHTS_FILE if with_text else None},
@@ -197,14 +215,22 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def _weights_name(config: dict, tower: str) -> str:
+    version = config["format_version"]
+    return config["weights"][tower] if version >= 3 else LEGACY_WEIGHTS_FILES[version]
+
+
 def _read_weights(path: Path, config: dict, tower: str) -> dict[str, torch.Tensor]:
     """The state dict of one tower ("image" or "text"), in the tower's own key names."""
-    version = config["format_version"]
-    name = config["weights"][tower] if version >= 3 else LEGACY_WEIGHTS_FILES[version]
+    name = _weights_name(config, tower)
     if not (path / name).exists():
         raise MissingInputError(f"{path} is not an exported encoder: {name} is missing")
-    tensors = load_file(str(path / name))
-    if version >= 3:
+    try:
+        tensors = load_file(str(path / name))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path / name} cannot be read (truncated or not a safetensors file: {exc}); "
+                         "export the run again") from exc
+    if config["format_version"] >= 3:
         return tensors
     renames = LEGACY_KEYS[tower]
     return {new + key[len(old):]: value for key, value in tensors.items()
@@ -215,11 +241,21 @@ def load_image_encoder(path: str | Path, device: str | torch.device = "cpu") -> 
     """Load the image encoder export_image_encoder wrote; no training code or DeepSpeed needed."""
     path = Path(path)
     config = _read_config(path)
-    encoder = ImageEncoder(vision=config_from_dict(VisionConfig, config["vision"]), embed_dim=config["embed_dim"],
-                           max_tokens_per_image=config["max_tokens_per_image"], seq_len=config["seq_len"],
-                           max_images=config["max_images"])
-    encoder.load_state_dict(_read_weights(path, config, "image"), strict=True)
+    encoder = _image_encoder(config)
+    keys = [*config_keys("vision", VisionConfig, config["vision"]), ("embed_dim", config["embed_dim"], int)]
+    load_matching(encoder, _read_weights(path, config, "image"), build=_image_encoder, config=config, keys=keys,
+                  config_file=str(path / CONFIG_FILE), weights_file=_weights_name(config, "image"))
     return encoder.to(device).eval()
+
+
+def _image_encoder(config: dict) -> ImageEncoder:
+    return ImageEncoder(vision=config_from_dict(VisionConfig, config["vision"]), embed_dim=config["embed_dim"],
+                        max_tokens_per_image=config["max_tokens_per_image"], seq_len=config["seq_len"],
+                        max_images=config["max_images"])
+
+
+def _text_encoder(config: dict) -> TextEncoder:
+    return TextEncoder(text=config_from_dict(TextConfig, config["text"]), embed_dim=config["embed_dim"])
 
 
 def load_text_encoder(path: str | Path, device: str | torch.device = "cpu") -> TextEncoder:
@@ -233,5 +269,7 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu") -> T
     legacy_scale = state.pop("logit_scale", None)  # formats 1 and 2 kept it among the weights
     encoder = TextEncoder(text=config_from_dict(TextConfig, config["text"]), embed_dim=config["embed_dim"],
                           logit_scale=config.get("logit_scale") if legacy_scale is None else float(legacy_scale))
-    encoder.load_state_dict(state, strict=True)
+    keys = [*config_keys("text", TextConfig, config["text"]), ("embed_dim", config["embed_dim"], int)]
+    load_matching(encoder, state, build=_text_encoder, config=config, keys=keys,
+                  config_file=str(path / CONFIG_FILE), weights_file=_weights_name(config, "text"))
     return encoder.to(device).eval()

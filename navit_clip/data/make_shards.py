@@ -3,6 +3,11 @@
 Images keep their native resolution and their original bytes unless a maximum side is asked
 for. A missing, unreadable or empty image or a missing caption is reported and skipped; the
 counts are returned and written to `sizes.json` with the sample count of every shard.
+
+Image paths in a caption file stay inside the image folder unless the user allows otherwise, and
+shards record each image's path relative to that folder, never the user's absolute path. A folder
+that already holds shards is refused unless it may be overwritten: a folder spec reads every
+`.tar` in it, so older shards left beside new ones would be trained on too.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +33,20 @@ from navit_clip.errors import InputError, MissingInputError
 log = logging.getLogger(__name__)
 
 FILE_COLUMNS = ("file", "filepath", "filename", "image", "path")
+# What an earlier make-shards left in its output folder, beside its .tar shards.
+OUTPUT_FILES = ("sizes.json", "dataset.json")
 CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 
 
 @dataclass
 class Entry:
-    """One image to shard: its path, its caption (None if missing) and extra metadata."""
+    """One image to shard: its path, its caption (None if missing), extra metadata, and the path
+    stored in the shard (relative to the image folder, or the file name alone)."""
 
     path: Path
     caption: str | None
     meta: dict = field(default_factory=dict)
+    source: str = ""
 
 
 def _pick(columns: list[str], wanted: tuple[str, ...], what: str, source: str) -> str:
@@ -47,35 +57,63 @@ def _pick(columns: list[str], wanted: tuple[str, ...], what: str, source: str) -
     raise InputError(f"{source} has no {what} column (looked for {', '.join(wanted)}; found {', '.join(columns)})")
 
 
-def read_caption_file(captions: str | Path, images: str | Path) -> Iterator[Entry]:
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; anything else is refused with the line of its first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path} line {line} is not UTF-8 (byte 0x{data[exc.start]:02x}): save the caption file "
+                         "as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from exc
+
+
+def _read_rows(captions: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) of every record of a CSV, TSV or JSONL file, and its column names."""
+    text = _read_text(captions)
+    if captions.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{captions} line {number} is not JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise InputError(f"{captions} line {number} is not a JSON object")
+            rows.append((number, row))
+        return rows, sorted({k for _, row in rows for k in row})
+    delimiter = "\t" if captions.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = [(reader.line_num, row) for row in reader]
+    return rows, list(reader.fieldnames or [])
+
+
+def _image_path(images: Path, name: str, where: str, allow_outside: bool) -> tuple[Path, str]:
+    """-> (the image's path, the path the shard records). A name that is absolute or climbs out of
+    `images` is refused unless allowed; allowed, only its file name is recorded."""
+    outside = Path(name).is_absolute() or Path(os.path.normpath(name or ".")).parts[:1] == ("..",)
+    if outside and not allow_outside:
+        raise InputError(f"{where}: image path {name!r} is outside --images {images}; "
+                         "pass --allow-outside-images to read it")
+    return images / name, Path(name).name if outside else Path(os.path.normpath(name or ".")).as_posix()
+
+
+def read_caption_file(captions: str | Path, images: str | Path, allow_outside: bool = False) -> Iterator[Entry]:
     """Entries from a CSV, TSV or JSONL file naming an image (relative to `images`) and its caption."""
     captions, images = Path(captions), Path(images)
     if not captions.exists():
         raise MissingInputError(f"caption file {captions} does not exist")
-    if captions.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        with captions.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{captions} line {number} is not JSON: {exc}") from exc
-                if not isinstance(row, dict):
-                    raise InputError(f"{captions} line {number} is not a JSON object")
-                rows.append(row)
-        columns = sorted({k for row in rows for k in row})
-    else:
-        delimiter = "\t" if captions.suffix.lower() == ".tsv" else ","
-        with captions.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            rows, columns = list(reader), list(reader.fieldnames or [])
+    rows, columns = _read_rows(captions)
     file_col = _pick(columns, FILE_COLUMNS, "image file", str(captions))
     text_col = _pick(columns, CAPTION_COLUMNS, "caption", str(captions))
-    for row in rows:
+    entries = []
+    for number, row in rows:  # every path is checked before the first shard is written
+        path, source = _image_path(images, str(row.get(file_col) or ""), f"{captions} line {number}", allow_outside)
         caption = row.get(text_col)
-        yield Entry(images / str(row.get(file_col, "")), None if caption is None else str(caption))
+        entries.append(Entry(path, None if caption is None else str(caption), source=source))
+    yield from entries
 
 
 def read_image_folder(root: str | Path) -> Iterator[Entry]:
@@ -100,7 +138,7 @@ def read_image_folder(root: str | Path) -> Iterator[Entry]:
                     meta = loaded if isinstance(loaded, dict) else {}
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     log.warning("ignoring unreadable metadata %s", meta_path)
-            yield Entry(path, caption, meta)
+            yield Entry(path, caption, meta, source=path.relative_to(root).as_posix())
 
 
 class BadInput(ValueError):
@@ -124,6 +162,8 @@ def encode_entry(entry: Entry, max_side: int, max_pixels: int) -> tuple[str, byt
         image.load()  # a full decode: truncated or corrupt files fail here, not in training
     except BadInput:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own pixel limit: the same reason as ours
+        raise BadInput("image_too_large") from exc
     except Exception as exc:  # PIL raises many types on corrupt data
         raise BadInput("undecodable_image") from exc
     ext = {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt)
@@ -141,10 +181,38 @@ def encode_entry(entry: Entry, max_side: int, max_pixels: int) -> tuple[str, byt
     return ext, out.getvalue()
 
 
+def prepare_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Create the output folder and make sure it can be written; shards and summaries an earlier
+    run left there are refused, or removed when `overwrite` is set."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder {out} (--out): {exc.strerror}") from exc
+    old = sorted(p for p in out.iterdir() if p.is_file() and (p.suffix == ".tar" or p.name in OUTPUT_FILES))
+    if old and not overwrite:
+        names = ", ".join(p.name for p in old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+        raise InputError(f"the output folder {out} (--out) already holds shards ({names}): pass --overwrite to "
+                         "replace them, or choose an empty folder")
+    try:
+        for path in old:
+            path.unlink()
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write to the output folder {out} (--out): {exc.strerror}") from exc
+    return out
+
+
 def make_shards(entries: Iterator[Entry], out_dir: str | Path, *, per_shard: int = 1000, prefix: str = "shard",
-                max_side: int = 0, max_pixels: int = 64_000_000, total: int | None = None) -> dict:
+                max_side: int = 0, max_pixels: int = 64_000_000, total: int | None = None,
+                overwrite: bool = False) -> dict:
     """Write entries to `out_dir/prefix-%06d.tar` with `sizes.json`; return a summary."""
-    out_dir = Path(out_dir)
+    if per_shard < 1:
+        raise InputError(f"--per-shard must be at least 1 (samples per shard), got {per_shard}")
+    if max_side < 0:
+        raise InputError(f"--max-side must be 0 (keep the native size) or a positive side, got {max_side}")
+    out_dir = prepare_out_dir(out_dir, overwrite)
     skipped: Counter = Counter()
 
     def samples() -> Iterator[dict]:
@@ -156,7 +224,7 @@ def make_shards(entries: Iterator[Entry], out_dir: str | Path, *, per_shard: int
                 log.warning("skipping %s: %s", entry.path, exc)
                 continue
             yield {"__key__": f"{index:09d}", ext: data, "txt": entry.caption.strip(),
-                   "json": {**entry.meta, "source": str(entry.path)}}
+                   "json": {**entry.meta, "source": entry.source or entry.path.name}}
 
     paths = write_shards(samples(), str(out_dir / f"{prefix}-%06d.tar"), max_per_shard=per_shard)
     sizes = {}

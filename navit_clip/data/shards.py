@@ -208,6 +208,8 @@ def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1,
         image = image.convert("RGB")  # forces the full decode here, inside the try
     except BadSample:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own pixel limit: the same reason as ours
+        raise BadSample("image_too_large") from exc
     except Exception as exc:  # PIL raises many types on corrupt data
         raise BadSample("undecodable_image") from exc
     try:

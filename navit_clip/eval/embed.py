@@ -41,9 +41,11 @@ class ImageEmbeddings:
 
 
 def check_budget(towers: Towers, budget: int | None) -> int:
+    """The budget to embed at (None: the training budget); one image must fit one packed sequence."""
     budget = budget or towers.max_tokens_per_image
     if not 1 <= budget <= towers.seq_len:
-        raise InputError(f"token budget {budget} must be in [1, {towers.seq_len}] (the packed sequence length)")
+        raise InputError(f"token budget {budget} (--budgets or eval.max_tokens_per_image) must be in "
+                         f"[1, {towers.seq_len}], the packed sequence length (data.seq_len) of {towers.name}")
     return budget
 
 

@@ -10,6 +10,7 @@ import torch
 
 from navit_clip.errors import InputError
 from navit_clip.eval.datasets import open_dataset
+from navit_clip.eval.embed import check_budget
 from navit_clip.eval.report import clip_benchmark_record, summary_line, write_json
 from navit_clip.eval.retrieval import retrieve
 from navit_clip.eval.sweep import sweep, write_sweep
@@ -29,6 +30,10 @@ def run_eval(model: str | Path, data: str | None = None, *, tag: str | None = No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     towers = load_towers(model, tag, device, list(overrides))
     cfg = towers.cfg
+    default_budget = (cfg.eval.max_tokens_per_image if cfg is not None else 0) or towers.max_tokens_per_image
+    budgets = list(budgets or [default_budget])
+    for budget in budgets:  # all of them before the first is evaluated
+        check_budget(towers, budget)
     if data is None:
         if cfg is None:
             raise InputError(f"{model} is an export: name the evaluation data (--data)")
@@ -44,8 +49,6 @@ def run_eval(model: str | Path, data: str | None = None, *, tag: str | None = No
         evaluate = lambda budget: classify(towers, dataset, prompts, budget, progress)  # noqa: E731
     else:
         evaluate = lambda budget: retrieve(towers, dataset, budget, progress=progress)  # noqa: E731
-    default_budget = (cfg.eval.max_tokens_per_image if cfg is not None else 0) or towers.max_tokens_per_image
-    budgets = list(budgets or [default_budget])
     results = sweep(budgets, evaluate)
     pretrained = f"{model}@step{towers.step}" if towers.step is not None else str(model)
 
