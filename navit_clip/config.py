@@ -36,6 +36,7 @@ DropKind = Literal["none", "constant", "beta", "resolution"]
 ShardKind = Literal["auto", "raw", "packed"]  # packed: written by `navit-clip pack-shards`
 Precision = Literal["fp32", "bf16"]
 TemplateSet = Literal["dataset", "imagenet"]
+TokenizerModel = Literal["unigram", "bpe"]  # `navit-clip train-tokenizer --model-type`
 
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 POSEMB_KINDS: tuple[str, ...] = typing.get_args(PosembKind)
@@ -48,6 +49,7 @@ RESOLUTION_MODES: tuple[str, ...] = typing.get_args(ResolutionMode)
 DROP_KINDS: tuple[str, ...] = typing.get_args(DropKind)
 SHARD_KINDS: tuple[str, ...] = typing.get_args(ShardKind)
 TEMPLATE_SETS: tuple[str, ...] = typing.get_args(TemplateSet)
+TOKENIZER_MODELS: tuple[str, ...] = typing.get_args(TokenizerModel)
 VISION_PRESETS_FILE = CONFIG_DIR / "models" / "vision_presets.yaml"
 
 
