@@ -76,3 +76,118 @@ def test_non_causal_mean_pooling_matches_reference():
             for block in model.blocks:
                 x = block(x, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v))
             torch.testing.assert_close(out[i], model.norm(x)[0].mean(dim=0), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+# ---------------------------------------------------------------------------------------------
+
+MULTILINGUAL = ["a red square on a white field", "빨간 사각형이 있는 사진", "白色背景上的红色方块",
+                "مربع أحمر على خلفية بيضاء", "a cat 🐱 and a dog 🐶 🙂", "Ünïcödé déjà vu, naïve café",
+                "日本語のキャプションと English mixed", "صورة 🌍 世界 world 세계"]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    """A SentencePiece model trained by `train_tokenizer` on shards of multilingual captions,
+    one of them not UTF-8 and one without an image."""
+    from navit_clip.data.shards import write_shards
+    from navit_clip.data.tokenizer_training import train_tokenizer
+
+    root = tmp_path_factory.mktemp("sp")
+    png = _png()
+    samples = [{"__key__": f"s{i:04d}", "png": png, "txt": f"{MULTILINGUAL[i % len(MULTILINGUAL)]} number {i}"}
+               for i in range(200)]
+    samples += [{"__key__": "badutf8", "png": png, "txt": b"\xff\xfe caption"}, {"__key__": "noimage", "txt": "hi"}]
+    write_shards(samples, str(root / "shards-%06d.tar"), 50)
+    info = train_tokenizer(str(root / "shards-{000000..000004}.tar"), 400, root / "tok", progress=False)
+    assert info["captions"] == 200
+    assert info["skipped"] == {"caption_not_utf8": 1, "no_image": 1}
+    return info["tokenizer"]
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_sentencepiece_ids_are_sentencepiece_encode_framed(sp_model):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    tokenizer = CaptionTokenizer(48, sp_model)
+    assert (tokenizer.vocab_size, tokenizer.start_id, tokenizer.end_id) == (sp.get_piece_size(), 2, 3)
+    out = tokenizer(MULTILINGUAL)
+    for row, caption in zip(out, MULTILINGUAL):
+        expected = [sp.bos_id()] + sp.encode(caption) + [sp.eos_id()]
+        assert len(expected) <= 48
+        assert row.tolist() == expected + [0] * (48 - len(expected))
+        assert sp.unk_id() not in row.tolist()  # byte fallback: every script encodes
+        assert sp.decode(row[1:len(expected) - 1].tolist()) == caption
+
+
+@pytest.mark.parametrize("which", ["clip", "sp"])
+def test_long_captions_are_cut_keeping_the_end_token_and_counted(which, sp_model):
+    tokenizer = CaptionTokenizer(8, CLIP_BPE if which == "clip" else sp_model)
+    long = "a very long caption that goes on and on " * 4
+    ids, truncated = tokenizer.encode_counted([long, "hi", long])
+    assert truncated == 2
+    full = tokenizer.ids(long)
+    assert ids[0].tolist() == full[:7] + [tokenizer.end_id]
+    assert ids[1].tolist()[:len(tokenizer.ids("hi"))] == tokenizer.ids("hi")
+    if which == "clip":  # open_clip's own tokenizer agrees, id for id
+        from open_clip.tokenizer import SimpleTokenizer
+
+        assert np.array_equal(ids, SimpleTokenizer()([long, "hi", long], context_length=8).numpy())
+
+
+def test_vocab_size_comes_from_the_tokenizer(sp_model):
+    from navit_clip.config import ConfigError, load_config
+
+    import sentencepiece as spm
+
+    size = spm.SentencePieceProcessor(model_file=sp_model).get_piece_size()
+    cfg = load_config(None, [f"model.text.tokenizer={sp_model}"])
+    assert (cfg.model.text.vocab_size, cfg.model.text.end_token_id) == (size, 3)
+    assert load_config(None, [f"model.text.tokenizer={sp_model}", f"model.text.vocab_size={size}"])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"model.text.tokenizer={sp_model}", "model.text.vocab_size=49408"])
+    assert "model.text.vocab_size=49408" in str(info.value) and f"is {size}" in str(info.value)
+    with pytest.raises(ConfigError, match="vocab_size=1000 .* is 49408"):
+        load_config(None, ["model.text.vocab_size=1000"])
+    with pytest.raises(ConfigError, match="model.text.tokenizer"):
+        load_config(None, ["model.text.tokenizer=/nonexistent/tokenizer.model"])
+
+
+def test_export_carries_the_tokenizer(sp_model, tmp_path):
+    """The exported text encoder tokenizes and encodes with its own copy of the SentencePiece
+    file after the original is gone."""
+    import shutil
+
+    from navit_clip.config import ModelConfig, VisionConfig, load_config
+    from navit_clip.export import export_image_encoder, load_text_encoder
+    from navit_clip.model.clip import NaViTCLIP
+
+    own = tmp_path / "own.model"
+    shutil.copyfile(sp_model, own)
+    text = load_config(None, [f"model.text.tokenizer={own}", "model.text.width=32", "model.text.depth=1",
+                              "model.text.heads=2", "model.text.causal=false"]).model.text
+    torch.manual_seed(0)
+    model = NaViTCLIP(ModelConfig(vision=VisionConfig(width=32, depth=1, heads=2), text=text, embed_dim=16)).eval()
+    export = export_image_encoder(model, tmp_path / "export", max_tokens_per_image=16, seq_len=32, max_images=2,
+                                  with_text=True)
+    tokens = torch.from_numpy(CaptionTokenizer(text.context_length, str(own))(MULTILINGUAL))
+    with torch.no_grad():
+        expected = model.encode_text(tokens)
+    own.unlink()
+    moved = shutil.move(str(export), tmp_path / "elsewhere")
+    encoder = load_text_encoder(moved)
+    assert encoder.cfg.tokenizer == str((tmp_path / "elsewhere" / "tokenizer.model").absolute())
+    with torch.no_grad():
+        assert torch.equal(encoder.tokenize(MULTILINGUAL), tokens)
+        torch.testing.assert_close(encoder(encoder.tokenize(MULTILINGUAL)), expected, atol=1e-5, rtol=1e-5)
