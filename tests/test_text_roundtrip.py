@@ -71,6 +71,6 @@ def test_multilingual_round_trip(shards, tokenizer, tmp_path):
         cli("eval", "--run", str(model), "--data", shards, "--task", "retrieval", "--out", str(out))
         results.append(json.loads(out.read_text()))
     for result in results:
-        assert result["num_images"] == 48 and result["num_captions"] == 48
+        assert result["details"]["num_images"] == 48 and result["details"]["num_captions"] == 48
     # the export scores exactly as the run it came from
-    assert results[0]["image_retrieval_recall@1"] == pytest.approx(results[1]["image_retrieval_recall@1"], abs=1e-6)
+    assert results[0]["metrics"] == pytest.approx(results[1]["metrics"], abs=1e-6)
