@@ -23,6 +23,7 @@ class PackedBatch:
     keys: tuple[tuple[str, ...], ...] = field(default=())  # per sequence, per filled slot
     skipped_samples: int = 0  # corrupt samples the reader skipped since its previous batch
     skipped_by_reason: dict = field(default_factory=dict)  # the same skips by reason, e.g. {"no_caption": 2}
+    truncated_captions: int = 0  # captions cut to the context length since the reader's previous batch
 
     @property
     def num_sequences(self) -> int:

@@ -1,4 +1,4 @@
-"""`navit-clip train | eval | export | make-shards | pack-shards | demo`."""
+"""`navit-clip train | eval | export | make-shards | pack-shards | train-tokenizer | demo`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from navit_clip.config import CONFIG_DIR, load_config
+from navit_clip.config import CONFIG_DIR, TOKENIZER_MODELS, load_config
 from navit_clip.errors import InputError, UserError
 
 # Each command imports what it needs when it runs: only `train` (and `demo`) build a DeepSpeed
@@ -86,6 +86,19 @@ def _pack_spec(config_path: str, shards: str, shuffle_buffer: int, overrides: Se
     spec = stream_spec(load_config(config_path, overrides))
     return replace(spec, shards=shards, loop=False, shuffle_buffer=shuffle_buffer,
                    sources=replace(spec.sources, resampled=False, shard_kind="raw"))
+
+
+def train_tokenizer_command(shards: str, vocab_size: int, out: str, model_type: str = "unigram",
+                            max_samples: int = 1_000_000, allow_pipe: bool = False) -> dict:
+    """A SentencePiece tokenizer trained on the captions of shards."""
+    from navit_clip.data.tokenizer_training import train_tokenizer
+
+    info = train_tokenizer(shards, vocab_size, out, model_type=model_type, max_samples=max_samples,
+                           allow_pipe=allow_pipe)
+    print(f"trained a {info['model_type']} tokenizer of {info['vocab_size']} pieces on {info['captions']} captions "
+          f"-> {info['tokenizer']}; skipped {sum(info['skipped'].values())}: {info['skipped']}. "
+          f"Train with model.text.tokenizer={info['tokenizer']}")
+    return info
 
 
 def train_command(config_path: str, overrides: Sequence[str] = (), resume: str | None = None) -> dict:
@@ -227,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-buffer", type=int, default=0, help="shuffle samples before packing")
     p.add_argument("overrides", nargs="*", help="key.sub=value (patch size, seq_len, max_images, resolution, ...)")
     p.set_defaults(handler=pack_shards_command)
+
+    p = sub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on the captions of shards")
+    p.add_argument("--shards", required=True, help="shard spec, e.g. data/x/train-{000000..000007}.tar")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="folder for tokenizer.model (and tokenizer.json)")
+    p.add_argument("--model-type", choices=TOKENIZER_MODELS, default="unigram")
+    p.add_argument("--max-samples", type=int, default=1_000_000, help="captions to train on at most (0: all)")
+    p.add_argument("--allow-pipe", action="store_true", help="allow `pipe:` shard URLs (they run shell commands)")
+    p.set_defaults(handler=train_tokenizer_command)
 
     p = sub.add_parser("demo", help="make the default dataset, train, evaluate zero-shot and export")
     p.add_argument("--config", dest="config_path", default=default_config)

@@ -19,6 +19,7 @@ import yaml
 from navit_clip.config_load import (ConfigError, config_from_dict, config_to_dict, parse_overrides,  # noqa: F401
                                     read_yaml_file)
 from navit_clip.config_load import merge as _merge
+from navit_clip.config_load import keys_set as _keys_set
 from navit_clip.config_load import preset_named as _preset_named
 from navit_clip.config_load import CONFIG_DIR, REPO_ROOT, resolve_path  # noqa: F401
 
@@ -29,23 +30,27 @@ PosembKind = Literal["learned", "sinusoidal", "fourier", "learned_2d"]
 PosembCoords = Literal["absolute", "fractional"]  # patch index | index / side
 PosembCombine = Literal["sum", "stack", "product"]  # of the row and column embeddings
 Pooling = Literal["map", "mean"]  # map: attention pooling
+TextPooling = Literal["last", "mean"]  # last: the end token (the last non-padding token)
 LossKind = Literal["softmax", "sigmoid"]
 ResolutionMode = Literal["native", "sampled", "side_uniform", "side_normal"]  # docs/data.md
 DropKind = Literal["none", "constant", "beta", "resolution"]
 ShardKind = Literal["auto", "raw", "packed"]  # packed: written by `navit-clip pack-shards`
 Precision = Literal["fp32", "bf16"]
 TemplateSet = Literal["dataset", "imagenet"]
+TokenizerModel = Literal["unigram", "bpe"]  # `navit-clip train-tokenizer --model-type`
 
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 POSEMB_KINDS: tuple[str, ...] = typing.get_args(PosembKind)
 POSEMB_COORDS: tuple[str, ...] = typing.get_args(PosembCoords)
 POSEMB_COMBINES: tuple[str, ...] = typing.get_args(PosembCombine)
 POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
+TEXT_POOLINGS: tuple[str, ...] = typing.get_args(TextPooling)
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 RESOLUTION_MODES: tuple[str, ...] = typing.get_args(ResolutionMode)
 DROP_KINDS: tuple[str, ...] = typing.get_args(DropKind)
 SHARD_KINDS: tuple[str, ...] = typing.get_args(ShardKind)
 TEMPLATE_SETS: tuple[str, ...] = typing.get_args(TemplateSet)
+TOKENIZER_MODELS: tuple[str, ...] = typing.get_args(TokenizerModel)
 VISION_PRESETS_FILE = CONFIG_DIR / "models" / "vision_presets.yaml"
 
 
@@ -70,13 +75,17 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 49408  # open_clip's BPE vocabulary
+    tokenizer: str = "clip-bpe"  # or a SentencePiece model file (`navit-clip train-tokenizer`); docs/text.md
+    vocab_size: int = 49408  # set from the tokenizer (open_clip's BPE: 49408)
+    end_token_id: int = -1  # set from the tokenizer; -1: the last id, vocab_size - 1 (CLIP's BPE)
     context_length: int = 32
     width: int = 128
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
+    causal: bool = True  # CLIP's causal tower; false: SigLIP-style, every token sees the whole caption
+    pooling: TextPooling = "last"
 
 
 @dataclass
@@ -271,6 +280,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(cfg.model.vision, vision_preset(preset), prefix="model.vision.")
     for layer in layers:
         _merge(cfg, layer)
+    from navit_clip.data.text import apply_tokenizer  # reads the tokenizer's vocabulary
+
+    apply_tokenizer(cfg.model.text, _keys_set(layers, "model.text"))
     return cfg.validate()
 
 

@@ -162,6 +162,17 @@ def preset_named(layers: list[dict[str, Any]]) -> str:
     return name
 
 
+def keys_set(layers: list[dict[str, Any]], section: str) -> dict[str, Any]:
+    """The keys of `section` (e.g. "model.text") that the layers set, with the last value set."""
+    found: dict[str, Any] = {}
+    for layer in layers:
+        node: Any = layer
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        found.update(node if isinstance(node, dict) else {})
+    return found
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

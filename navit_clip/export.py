@@ -4,16 +4,15 @@ tower classes for downstream work: pooled embeddings, per-image patch grids and 
 layers, for images of any size or for a PackedBatch; with the text tower, zero-shot evaluation
 from the export alone.
 
-config.json carries the whole VisionConfig (written by config_to_dict, so fields added later
-travel without changes here; loading fills fields an older export lacks with their defaults),
-the position-embedding module, the pixel normalisation, the packing limits and which file holds
-which tower. Exports of formats 1 and 2 (both towers in one file, under the names the CLIP model
-gave them before each tower owned its projection) are converted when loaded.
+config.json carries the whole VisionConfig (config_to_dict; an older export's missing fields get
+their defaults), the position embedding, the pixel normalisation, the packing limits and which
+file holds which tower. Formats 1 and 2 (one file, the CLIP model's earlier names) are converted.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +28,7 @@ from navit_clip.config import TextConfig, VisionConfig, config_from_dict, config
 from navit_clip.data.packing import pack
 from navit_clip.data.patches import patch_image
 from navit_clip.data.resolution import ResolutionPolicy
+from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE, cached_tokenizer
 from navit_clip.errors import InputError, MissingInputError
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.model.navit import unpack_grids
@@ -45,7 +45,8 @@ PROGRAM_FILE = "image_encoder.pt2"  # the torch.export program `navit-clip expor
 LEGACY_WEIGHTS_FILES = {1: "image_encoder.safetensors", 2: "model.safetensors"}
 LEGACY_KEYS = {"image": {"visual.": "navit.", "image_proj.": "proj."},
                "text": {"text.": "transformer.", "text_proj.": "proj.", "logit_scale": "logit_scale"}}
-EXPORT_FILES = (CONFIG_FILE, IMAGE_WEIGHTS_FILE, TEXT_WEIGHTS_FILE, PROGRAM_FILE, *LEGACY_WEIGHTS_FILES.values())
+EXPORT_FILES = (CONFIG_FILE, IMAGE_WEIGHTS_FILE, TEXT_WEIGHTS_FILE, TOKENIZER_FILE, PROGRAM_FILE,
+                *LEGACY_WEIGHTS_FILES.values())
 
 
 class ImageEncoder(ImageTower):
@@ -166,6 +167,7 @@ def export_image_encoder(model: NaViTCLIP, out_dir: str | Path, *, max_tokens_pe
     out = Path(out_dir)
     _prepare_export_dir(out, overwrite)
     _save_tower(model.image, out / IMAGE_WEIGHTS_FILE)
+    text = _export_tokenizer(model.cfg.text, out) if with_text else None
     if with_text:
         _save_tower(model.text, out / TEXT_WEIGHTS_FILE)
     navit = model.image.navit
@@ -176,11 +178,26 @@ def export_image_encoder(model: NaViTCLIP, out_dir: str | Path, *, max_tokens_pe
               "normalization": {"scale": 1 / 255, "mean": navit.pixel_mean.tolist(), "std": navit.pixel_std.tolist()},
               "embed_dim": model.cfg.embed_dim, "max_tokens_per_image": max_tokens_per_image,
               "seq_len": seq_len, "max_images": max_images,
-              "text": config_to_dict(model.cfg.text) if with_text else None,
+              "text": text,
               "logit_scale": float(model.logit_scale.detach()) if with_text else None,
-              "tokenizer": "open_clip SimpleTokenizer (bundled BPE)" if with_text else None}
+              "tokenizer": _tokenizer_note(model.cfg.text.tokenizer) if with_text else None}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return out
+
+
+def _export_tokenizer(text: TextConfig, out: Path) -> dict:
+    """The text config as exported: a SentencePiece model is copied beside the weights and named
+    relative to the export, so the export works wherever it is copied."""
+    exported = config_to_dict(text)
+    if text.tokenizer == CLIP_BPE:
+        return exported
+    if Path(text.tokenizer).resolve() != (out / TOKENIZER_FILE).resolve():
+        shutil.copyfile(text.tokenizer, out / TOKENIZER_FILE)
+    return {**exported, "tokenizer": TOKENIZER_FILE}
+
+
+def _tokenizer_note(tokenizer: str) -> str:
+    return "open_clip SimpleTokenizer (bundled BPE)" if tokenizer == CLIP_BPE else f"SentencePiece ({TOKENIZER_FILE})"
 
 
 def _save_tower(tower: nn.Module, path: Path) -> None:
@@ -198,6 +215,11 @@ class TextEncoder(TextTower):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.encode(tokens)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> token ids [n, context_length] with the tokenizer the tower was trained with."""
+        ids = cached_tokenizer(self.cfg.tokenizer, self.context_length)(texts)
+        return torch.from_numpy(ids).to(self.proj.weight.device)
 
 
 def _read_config(path: Path) -> dict:
@@ -267,7 +289,10 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu") -> T
                          "to evaluate zero-shot from the export alone")
     state = _read_weights(path, config, "text")
     legacy_scale = state.pop("logit_scale", None)  # formats 1 and 2 kept it among the weights
-    encoder = TextEncoder(text=config_from_dict(TextConfig, config["text"]), embed_dim=config["embed_dim"],
+    text = config_from_dict(TextConfig, config["text"])
+    if text.tokenizer != CLIP_BPE:  # the copy in the export, named relative to it
+        text.tokenizer = str((path / text.tokenizer).absolute())
+    encoder = TextEncoder(text=text, embed_dim=config["embed_dim"],
                           logit_scale=config.get("logit_scale") if legacy_scale is None else float(legacy_scale))
     keys = [*config_keys("text", TextConfig, config["text"]), ("embed_dim", config["embed_dim"], int)]
     load_matching(encoder, state, build=_text_encoder, config=config, keys=keys,

@@ -357,7 +357,7 @@ CHOICE_FIELDS = dict(choice_fields())
 def test_every_choice_list_is_typed():
     assert set(CHOICE_FIELDS) == {
         "model.vision.attention", "model.vision.posemb", "model.vision.posemb_coords", "model.vision.posemb_combine",
-        "model.vision.pooling", "model.loss", "data.resolution.mode", "data.drop.kind", "data.sources.shard_kind",
+        "model.vision.pooling", "model.text.pooling", "model.loss", "data.resolution.mode", "data.drop.kind", "data.sources.shard_kind",
         "train.precision", "eval.templates"}
 
 

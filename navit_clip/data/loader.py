@@ -8,7 +8,6 @@ every rank runs exactly the number of steps asked for.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import signal
@@ -28,7 +27,7 @@ from navit_clip.data.prepacked import BadSequence, decode_sequence, group, seque
 from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
                                     parse_weights, read_raw, read_samples, split_shards, split_sources)
 from navit_clip.data.spec import StreamSpec
-from navit_clip.data.text import CaptionTokenizer
+from navit_clip.data.text import cached_tokenizer
 from navit_clip.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,12 +51,6 @@ def shuffled(items: Iterator[T], buffer: int, rng: np.random.Generator) -> Itera
         yield item
     rng.shuffle(pool)
     yield from pool
-
-
-@functools.lru_cache(maxsize=4)
-def cached_tokenizer(context_length: int) -> CaptionTokenizer:
-    """Building the BPE tables takes ~0.2 s: once per process, not once per stream or epoch."""
-    return CaptionTokenizer(context_length)
 
 
 class PackedStream(IterableDataset):
@@ -143,12 +136,12 @@ class PackedStream(IterableDataset):
 
     def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         spec = self.spec
-        tokenizer = cached_tokenizer(spec.text_len)
+        tokenizer = cached_tokenizer(spec.tokenizer, spec.text_len)
         packer = StreamingPacker(seq_len=spec.seq_len, max_images=spec.max_images,
                                  sequences_per_batch=spec.sequences_per_batch, **asdict(spec.packing))
         stats = ReadStats()
         reported: Counter = Counter()
-        yielded = 0
+        yielded, truncated = 0, Counter()
         quota = self._epoch_quota(worker, num_workers)
         epochs = itertools.count() if spec.loop else range(1)
         for epoch in epochs:
@@ -157,7 +150,7 @@ class PackedStream(IterableDataset):
 
             def prepare(sample: Sample) -> PatchedImage:
                 step = yielded * num_workers + worker
-                image = to_patched(sample, spec.resolution, tokenizer, rng, step)
+                image = to_patched(sample, spec.resolution, tokenizer, rng, step, truncated)
                 return apply_dropping(image, spec.drop, rng, step)
 
             in_epoch = 0
@@ -165,6 +158,8 @@ class PackedStream(IterableDataset):
                 batch.skipped_by_reason = dict(stats.skipped - reported)
                 batch.skipped_samples = sum(batch.skipped_by_reason.values())
                 reported = Counter(stats.skipped)
+                batch.truncated_captions = truncated["truncated_captions"] - truncated["reported"]
+                truncated["reported"] = truncated["truncated_captions"]
                 yielded += 1
                 in_epoch += 1
                 yield batch

@@ -16,6 +16,8 @@ from navit_clip.data.packing import PatchedImage
 from navit_clip.data.resolution import ResolutionPolicy
 
 if TYPE_CHECKING:
+    from collections import Counter
+
     from navit_clip.data.shards import Sample
     from navit_clip.data.text import CaptionTokenizer
 
@@ -52,7 +54,10 @@ def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np
 
 
 def to_patched(sample: Sample, policy: ResolutionPolicy, tokenizer: CaptionTokenizer,
-               rng: np.random.Generator | None, step: int = 0) -> PatchedImage:
-    """A decoded training sample, sized, patchified and with its caption tokenized."""
-    return patch_image(sample.key, sample.image, policy, tokenizer([sample.caption])[0], rng, step,
-                       sample.native_size)
+               rng: np.random.Generator | None, step: int = 0, counts: Counter | None = None) -> PatchedImage:
+    """A decoded training sample, sized, patchified and with its caption tokenized; a caption cut
+    to the context length is counted in counts["truncated_captions"]."""
+    text, truncated = tokenizer.encode_counted([sample.caption])
+    if counts is not None:
+        counts["truncated_captions"] += truncated
+    return patch_image(sample.key, sample.image, policy, text[0], rng, step, sample.native_size)

@@ -212,12 +212,7 @@ def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1,
         raise BadSample("image_too_large") from exc
     except Exception as exc:  # PIL raises many types on corrupt data
         raise BadSample("undecodable_image") from exc
-    try:
-        caption = raw[text_ext].decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise BadSample("caption_not_utf8") from exc
-    if not caption:
-        raise BadSample("empty_caption")
+    caption = decode_caption(raw, text_ext)
     meta: dict[str, Any] = {}
     if "json" in raw:
         try:
@@ -228,6 +223,20 @@ def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1,
             raise BadSample("bad_json")
     native = (width, height) if image.size != (width, height) else None
     return Sample(key=key, image=image, caption=caption, meta=meta, native_size=native)
+
+
+def decode_caption(raw: dict[str, Any], text_ext: str | None = None) -> str:
+    """A raw sample's caption; raise BadSample if it has none, or one that is not UTF-8 or empty."""
+    text_ext = text_ext or next((e for e in TEXT_EXTENSIONS if e in raw), None)
+    if text_ext is None:
+        raise BadSample("no_caption")
+    try:
+        caption = raw[text_ext].decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise BadSample("caption_not_utf8") from exc
+    if not caption:
+        raise BadSample("empty_caption")
+    return caption
 
 
 def read_samples(split: ShardSplit, stats: ReadStats, max_pixels: int = 64_000_000,

@@ -21,6 +21,7 @@ class StreamSpec:
 
     shards: str  # one shard spec, or several sources separated by ";"
     text_len: int
+    tokenizer: str  # model.text.tokenizer: clip-bpe or a SentencePiece model file
     seq_len: int
     max_images: int
     sequences_per_batch: int
@@ -43,7 +44,8 @@ def stream_spec(cfg: Config) -> StreamSpec:
     d, v = cfg.data, cfg.model.vision
     resolution = ResolutionPolicy(patch_size=v.patch_size, max_side=v.max_grid_side, **asdict(d.resolution))
     drop = DropPolicy(**asdict(d.drop), min_tokens=resolution.min_tokens, max_tokens=resolution.max_tokens)
-    return StreamSpec(shards=d.train_shards, text_len=cfg.model.text.context_length, seq_len=d.seq_len,
+    return StreamSpec(shards=d.train_shards, text_len=cfg.model.text.context_length,
+                      tokenizer=cfg.model.text.tokenizer, seq_len=d.seq_len,
                       max_images=d.max_images, sequences_per_batch=d.sequences_per_batch, resolution=resolution,
                       drop=drop, packing=replace(d.packing), sources=replace(d.sources),
                       shuffle_buffer=d.shuffle_buffer, loop=True, seed=cfg.train.seed,

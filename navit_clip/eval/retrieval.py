@@ -7,7 +7,6 @@ import logging
 
 import torch
 
-from navit_clip.data.text import CaptionTokenizer
 from navit_clip.errors import InputError
 from navit_clip.eval.datasets import EvalDataset
 from navit_clip.eval.embed import ImageEmbeddings, embed_images
@@ -20,8 +19,7 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def encode_captions(towers: Towers, captions: list[str], chunk: int = 256) -> torch.Tensor:
     encode = towers.require_text()
-    tokenizer = CaptionTokenizer(towers.context_length)
-    out = [encode(torch.from_numpy(tokenizer(captions[i:i + chunk])).to(towers.device)).float().cpu()
+    out = [encode(towers.tokenize(captions[i:i + chunk])).float().cpu()
            for i in range(0, len(captions), chunk)]
     return torch.cat(out)
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from navit_clip.batch import PackedBatch
+from navit_clip.data.text import CLIP_BPE, cached_tokenizer
 from navit_clip.errors import InputError, MissingInputError
 
 
@@ -30,6 +31,11 @@ class Towers:
     sequences_per_batch: int = 8
     open_sequences: int = 8
     cfg: object | None = None  # the training Config, for a training run
+    tokenizer: str = CLIP_BPE  # model.text.tokenizer: clip-bpe or the SentencePiece file kept with the model
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> token ids [n, context_length] on the towers' device, as in training."""
+        return torch.from_numpy(cached_tokenizer(self.tokenizer, self.context_length)(texts)).to(self.device)
 
     def require_text(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.encode_text is None:
@@ -44,7 +50,7 @@ def from_training_model(model, cfg, device: torch.device | str = "cpu", name: st
     device = torch.device(device)
     model = model.to(device).eval()
     return Towers(name=name, encode_batch=model.image.encode, encode_text=model.text.encode,
-                  context_length=cfg.model.text.context_length,
+                  context_length=cfg.model.text.context_length, tokenizer=cfg.model.text.tokenizer,
                   patch_size=cfg.model.vision.patch_size, max_side=cfg.model.vision.max_grid_side,
                   seq_len=cfg.data.seq_len, max_images=cfg.data.max_images,
                   max_tokens_per_image=cfg.data.resolution.max_tokens, device=device, step=step, cfg=cfg,
@@ -83,6 +89,7 @@ def _from_export(path: Path, device: torch.device) -> Towers:
     text = load_text_encoder(path, device) if json.loads((path / CONFIG_FILE).read_text()).get("text") else None
     return Towers(name=str(path), encode_batch=image.encode, encode_text=text.encode if text is not None else None,
                   context_length=text.context_length if text is not None else 0,
+                  tokenizer=text.cfg.tokenizer if text is not None else CLIP_BPE,
                   patch_size=image.cfg.patch_size, max_side=image.cfg.max_grid_side,
                   seq_len=image.seq_len, max_images=image.max_images,
                   max_tokens_per_image=image.max_tokens_per_image, device=device)

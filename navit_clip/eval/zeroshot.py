@@ -14,7 +14,7 @@ import torch
 
 from navit_clip.config import TEMPLATE_SETS, Config
 from navit_clip.data.shards import expand_shards
-from navit_clip.data.text import CaptionTokenizer
+from navit_clip.data.text import cached_tokenizer
 from navit_clip.errors import InputError, MissingInputError
 from navit_clip.eval.datasets import EvalDataset, navit_shards, read_lines
 from navit_clip.eval.embed import ImageEmbeddings, embed_images
@@ -55,12 +55,13 @@ def fill(template: Template, name: str) -> str:
 def text_classifier(model, class_names: Sequence[str], templates: Sequence[Template],
                     device: torch.device | None = None) -> torch.Tensor:
     """[C, D]: for each class, the normalized mean of its normalized prompt embeddings. `model` is
-    Towers or anything with `encode_text` and `cfg.text.context_length` (a NaViTCLIP)."""
+    Towers or anything with `encode_text` and `cfg.text` (a NaViTCLIP)."""
     if isinstance(model, Towers):
         encode, context_length, device = model.require_text(), model.context_length, model.device
+        tokenizer = cached_tokenizer(model.tokenizer, context_length)
     else:
-        encode, context_length = model.encode_text, model.cfg.text.context_length
-    tokenizer = CaptionTokenizer(context_length)
+        encode, text = model.encode_text, model.cfg.text
+        tokenizer = cached_tokenizer(text.tokenizer, text.context_length)
     weights = []
     for name in class_names:
         tokens = torch.from_numpy(tokenizer([fill(t, name) for t in templates])).to(device)

@@ -249,6 +249,7 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[dict
 def load_trained_model(run_dir: str | Path, tag: str | None = None):
     """-> (NaViTCLIP in eval mode, Config, step) from a training run directory."""
     from navit_clip.config import Config, config_from_dict
+    from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE
     from navit_clip.model.clip import NaViTCLIP
 
     ckpt_dir = Path(run_dir) / "checkpoints"
@@ -256,6 +257,9 @@ def load_trained_model(run_dir: str | Path, tag: str | None = None):
     if "config" not in client:
         raise InputError(f"checkpoint in {ckpt_dir} carries no navit-clip config")
     cfg = config_from_dict(Config, client["config"]).validate()
+    kept = Path(run_dir) / TOKENIZER_FILE
+    if cfg.model.text.tokenizer != CLIP_BPE and kept.exists():  # the run's copy, wherever the run lies now
+        cfg.model.text.tokenizer = str(kept.absolute())
     model = NaViTCLIP(cfg.model)
     model.load_state_dict(weights, strict=True)
     return model.eval(), cfg, int(client.get("step", 0))

@@ -89,6 +89,7 @@ def _train_holding_run_dir(cfg: Config) -> dict[str, Any]:
     return {"steps": done if stopping else cfg.train.steps, "stopped_early": bool(stopping),
             "resumed_from": start_step, "final_loss": final_loss,
             "images_seen": totals.images, "skipped_samples": totals.skipped_samples,
+            "truncated_captions": totals.truncated_captions,
             "nonfinite_skipped": totals.nonfinite,
             "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or ""))}
 
@@ -124,7 +125,7 @@ class MetricsRows:
         row = dict(step=done, world_size=world, loss=stats.loss if stats.applied else None,
                    lr=self.scheduler.get_last_lr()[0], logit_scale=stats.logit_scale, images_per_step=stats.images,
                    padding=stats.padded_tokens / max(1, stats.tokens), skipped_samples=totals.skipped_samples,
-                   skipped_by_reason=dict(totals.skipped_by_reason),
+                   skipped_by_reason=dict(totals.skipped_by_reason), truncated_captions=totals.truncated_captions,
                    nonfinite_skipped=totals.nonfinite, sec_per_step=elapsed / (done - self.last_logged),
                    images_per_s=self.images / elapsed, tokens_per_s=self.tokens / elapsed)
         if self.cfg.train.peak_tflops > 0:

@@ -6,8 +6,10 @@ model and data stream), and loads it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from navit_clip import dist
 from navit_clip.config import Config, ConfigError, config_from_dict, config_to_dict
 from navit_clip.data.spec import StreamSpec
 from navit_clip.data.shards import expand_shards
+from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE
 from navit_clip.errors import CheckpointError, UserError
 from navit_clip.train.checkpoint import latest_tag, load_rng_state, step_tag, tag_step
 from navit_clip.train.manifest import checkpoint_problem, has_manifest
@@ -147,12 +150,28 @@ def prepare_run_dir(cfg: Config, out_dir: Path, start_step: int) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         truncate_jsonl(out_dir / "metrics.jsonl", start_step)
+        keep_tokenizer(cfg.model.text.tokenizer, out_dir)
+
+
+def keep_tokenizer(tokenizer: str, out_dir: Path) -> None:
+    """Copy a SentencePiece model into the run (TOKENIZER_FILE), so that evaluating and exporting
+    the run need not find the original file; a resumed run must keep the same one."""
+    if tokenizer == CLIP_BPE:
+        return
+    source, kept = Path(tokenizer), out_dir / TOKENIZER_FILE
+    if kept.exists() and source.resolve() != kept.resolve() and kept.read_bytes() != source.read_bytes():
+        raise ConfigError(f"model.text.tokenizer {source} differs from the tokenizer this run was trained with "
+                          f"({kept}); resume with that one or start a new train.out_dir")
+    if not kept.exists() or source.resolve() != kept.resolve():
+        shutil.copyfile(source, kept)
 
 
 def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
     """What determines the data stream, saved with each checkpoint. The shard paths may move;
     their number, the sizes, the packing, seeds, ranks and workers may not."""
-    identity = {k: v for k, v in dataclasses.asdict(spec).items() if k != "shards"}
+    identity = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("shards", "tokenizer")}
+    if spec.tokenizer != CLIP_BPE:  # the file may move; its content may not
+        identity["tokenizer_sha256"] = hashlib.sha256(Path(spec.tokenizer).read_bytes()).hexdigest()
     return {**identity, "num_shards": len(expand_shards(spec.shards, spec.sources.allow_pipe)), "world_size": dist.world_size(),
             "num_workers": cfg.data.num_workers}
 

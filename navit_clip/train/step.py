@@ -32,7 +32,7 @@ FAULT_ENV = "NAVIT_CLIP_FAULT_NONFINITE"
 # A run whose loss stays non-finite this many steps (or micro-batches) in a row is broken, not unlucky.
 MAX_NONFINITE_IN_A_ROW = 20
 
-SUMMED = ("images", "skipped_samples", "padded_tokens", "tokens", "text_tokens", "nonfinite")
+SUMMED = ("images", "skipped_samples", "padded_tokens", "tokens", "text_tokens", "nonfinite", "truncated_captions")
 
 
 class StopFlag(Protocol):
@@ -50,6 +50,7 @@ class Counts:
     tokens: int = 0
     text_tokens: int = 0
     nonfinite: int = 0  # micro-batches dropped for a non-finite loss
+    truncated_captions: int = 0  # captions cut to model.text.context_length
     nonfinite_in_row: int = 0  # failures (dropped micro-batches, or skipped steps) since the last success
 
     def add(self, other: Counts) -> None:
@@ -97,11 +98,11 @@ def reduce_counts(batch: PackedBatch, loss: torch.Tensor, stop: StopFlag,
     slots = batch.num_sequences * batch.seq_len
     local = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum()), slots,
                           batch.num_images * batch.text.shape[-1], float(stop.requested),
-                          float(not torch.isfinite(loss)), *skip_counts(batch.skipped_by_reason)],
+                          float(not torch.isfinite(loss)), batch.truncated_captions, *skip_counts(batch.skipped_by_reason)],
                          dtype=torch.float64, device=device)  # nccl: on the GPU
-    images, skipped, padded, tokens, text_tokens, stopping, bad, *reasons = dist.all_reduce_sum(local).tolist()
+    images, skipped, padded, tokens, text_tokens, stopping, bad, truncated, *reasons = dist.all_reduce_sum(local).tolist()
     counts = Counts(images=int(images), skipped_samples=int(skipped), padded_tokens=int(padded), tokens=int(tokens),
-                    text_tokens=int(text_tokens), nonfinite=int(bad > 0),
+                    text_tokens=int(text_tokens), nonfinite=int(bad > 0), truncated_captions=int(truncated),
                     skipped_by_reason={r: int(n) for r, n in zip(SKIP_REASONS, reasons) if n})
     return counts, bool(stopping), int(bad)
 
