@@ -13,31 +13,11 @@ from navit_clip.model import attention
 from navit_clip.model.attention import (BACKENDS, FlexBackend, PerImageSdpa, choose_backend, flash_available,
                                         get_attend, image_runs, reference_attend, same_segment_mask)
 
+from attention_cases import random_qkv
+
 # backends that train on CPU (forward and backward); flex runs forward only on CPU; flash needs CUDA
 BACKEND_NAMES = ["reference", "sdpa", "sdpa_per_image", "auto"]
 FORWARD_NAMES = [*BACKEND_NAMES, "flex"]
-
-
-def random_segments(S: int, L: int, max_images: int, generator: torch.Generator) -> torch.Tensor:
-    """[S, L] slot ids in contiguous runs (like the packer lays them out), then -1 padding.
-    Every sequence has at least one image and at least one padding token except the last one,
-    which is completely full, so both cases are covered."""
-    segment = torch.full((S, L), -1, dtype=torch.long)
-    for s in range(S):
-        n_images = int(torch.randint(1, max_images + 1, (1,), generator=generator))
-        used = L if s == S - 1 else int(torch.randint(n_images, L, (1,), generator=generator))
-        cuts = sorted(torch.randperm(used - 1, generator=generator)[: n_images - 1].add(1).tolist())
-        bounds = [0, *cuts, used]
-        for slot in range(n_images):
-            segment[s, bounds[slot]:bounds[slot + 1]] = slot
-    return segment
-
-
-def random_qkv(S=3, H=2, L=24, Dh=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(S, H, L, Dh, generator=g) for _ in range(3))
-    segment = random_segments(S, L, max_images=4, generator=g)
-    return q, k, v, segment
 
 
 def naive_attend(q, k, v, segment):
@@ -262,75 +242,3 @@ def test_per_image_handles_one_image_filling_the_sequence():
     segment = torch.zeros(2, q.shape[2], dtype=torch.long)
     torch.testing.assert_close(PerImageSdpa()(q, k, v, segment), reference_attend(q, k, v, segment),
                                atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-class TestCudaSdpa:
-    def test_sdpa_bf16_cuda_matches_fp32_reference(self):
-        q, k, v, segment = random_qkv(S=4, H=4, L=64, Dh=32, seed=8)
-        ref = reference_attend(q, k, v, segment)
-        dev = torch.device("cuda")
-        out = BACKENDS["sdpa"](*(t.to(dev, torch.bfloat16) for t in (q, k, v)), segment.to(dev))
-        assert out.dtype == torch.bfloat16
-        assert torch.isfinite(out).all()
-        torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
-
-    def test_auto_bf16_cuda_keeps_images_apart(self):
-        q, k, v, segment = random_qkv(S=2, H=4, L=64, Dh=32, seed=9)
-        dev = torch.device("cuda")
-        q, k, v = (t.to(dev, torch.bfloat16) for t in (q, k, v))
-        segment = segment.to(dev)
-        attend = get_attend("auto")
-        base = attend(q, k, v, segment)
-        other = segment[0] != 0
-        k2, v2 = k.clone(), v.clone()
-        k2[0, :, other] += 5
-        v2[0, :, other] += 5
-        out = attend(q, k2, v2, segment)
-        mine = segment[0] == 0
-        torch.testing.assert_close(out[0, :, mine], base[0, :, mine], atol=1e-6, rtol=0)
-
-    def test_auto_is_flex_on_cuda(self):
-        assert choose_backend(torch.device("cuda"), torch.bfloat16, 64) is BACKENDS["flex"]
-        assert choose_backend(torch.device("cuda"), torch.bfloat16, 72) is not BACKENDS["flex"]
-
-    @pytest.mark.parametrize("name", ["flex", "sdpa_per_image", "flash"])
-    def test_gpu_backend_forward_and_backward_match_reference(self, name):
-        if name == "flash" and not flash_available():
-            pytest.skip("flash-attn is not installed")
-        q, k, v, segment = random_qkv(S=3, H=4, L=200, Dh=64, seed=16)
-        dev = torch.device("cuda")
-        w = torch.randn_like(q)
-        ref = reference_attend(*(t.clone().requires_grad_() for t in (q, k, v)), segment)
-        leaves = [t.to(dev, torch.bfloat16).requires_grad_() for t in (q, k, v)]
-        out = get_attend(name)(*leaves, segment.to(dev))
-        torch.testing.assert_close(out.float().cpu(), ref, atol=3e-2, rtol=3e-2)
-        got = torch.autograd.grad((out * w.to(dev, torch.bfloat16)).sum(), leaves)
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        want = torch.autograd.grad((reference_attend(qq, kk, vv, segment) * w).sum(), (qq, kk, vv))
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a.float().cpu(), b, atol=5e-2, rtol=5e-2)
-
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    @pytest.mark.parametrize("L", [40, 130, 200])
-    def test_flex_forward_and_backward_at_partial_tiles(self, L, dtype):
-        """Compiled flex on the GPU at lengths that are not whole kernel tiles, with packer padding."""
-        q, k, v, segment = random_qkv(S=3, H=4, L=L, Dh=64, seed=L)
-        segment[0, L // 3:] = -1
-        fp32 = dtype == torch.float32
-        tol = dict(atol=1e-4, rtol=1e-4) if fp32 else dict(atol=3e-2, rtol=3e-2)
-        grad_tol = tol if fp32 else dict(atol=5e-2, rtol=5e-2)
-        dev = torch.device("cuda")
-        w = torch.randn_like(q)
-        leaves = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
-        out = get_attend("flex")(*leaves, segment.to(dev))
-        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = reference_attend(*ref_leaves, segment)
-        assert out.dtype == dtype and torch.isfinite(out).all()
-        torch.testing.assert_close(out.float().cpu(), ref, **tol)
-        got = torch.autograd.grad((out * w.to(dev, dtype)).sum(), leaves)
-        want = torch.autograd.grad((ref * w).sum(), ref_leaves)
-        for a, b in zip(got, want):
-            assert torch.isfinite(a).all()
-            torch.testing.assert_close(a.float().cpu(), b, **grad_tol)

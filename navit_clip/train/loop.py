@@ -130,6 +130,8 @@ class MetricsRows:
                    images_per_s=self.images / elapsed, tokens_per_s=self.tokens / elapsed)
         if self.cfg.train.peak_tflops > 0:
             row["mfu"] = self.flops / (elapsed * world * self.cfg.train.peak_tflops * 1e12)
+        if torch.cuda.is_available():  # this rank's high-water mark of tensor memory so far
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.jsonl.log(**row, param_checksums=checksums)
         self.board.log(done, row)
         self.images, self.tokens, self.flops = 0, 0, 0.0
