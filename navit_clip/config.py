@@ -119,10 +119,11 @@ class DropConfig:
 
 @dataclass
 class PackingConfig:
-    """data.packing: the streaming best-fit packer's arguments (data.packing.StreamingPacker)."""
+    """data.packing: the streaming best-fit packer's arguments (data.exact_fill.make_packer)."""
 
     open_sequences: int = 8  # sequences kept open for best fit
     buffer_size: int = 64  # lookahead examples; 0 = place each on arrival
+    exact_fill: bool = False  # shrink one image of a sequence when that removes its padding (needs buffer_size > 0)
 
 
 @dataclass
@@ -226,6 +227,7 @@ class Config:
             ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
             ("data.packing.open_sequences", p.open_sequences >= 1, "must be >= 1"),
             ("data.packing.buffer_size", p.buffer_size >= 0, "must be >= 0"),
+            ("data.packing.exact_fill", not p.exact_fill or p.buffer_size > 0, "needs data.packing.buffer_size > 0"),
             ("data.sources.steps_per_epoch", d.sources.steps_per_epoch >= 0, "must be >= 0"),
             ("data.drop.rate", 0.0 <= drop.rate < 1.0, "must be in [0, 1)"),
             ("data.drop.max_rate", 0.0 <= drop.max_rate < 1.0, "must be in [0, 1)"),
