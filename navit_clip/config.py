@@ -16,12 +16,9 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from navit_clip.config_load import (ConfigError, config_from_dict, config_to_dict, parse_overrides,  # noqa: F401
-                                    read_yaml_file)
-from navit_clip.config_load import merge as _merge
-from navit_clip.config_load import keys_set as _keys_set
-from navit_clip.config_load import preset_named as _preset_named
-from navit_clip.config_load import CONFIG_DIR, REPO_ROOT, resolve_path  # noqa: F401
+from navit_clip.config_load import (CONFIG_DIR, REPO_ROOT, ConfigError, config_from_dict,  # noqa: F401
+                                    config_to_dict, parse_overrides, read_yaml_file, resolve_path)
+from navit_clip.config_load import keys_set as _keys_set, merge as _merge, preset_named as _preset_named
 
 
 # The `reference` attention is a test oracle (model/attention.py), not a choice for training.
@@ -128,10 +125,11 @@ class DropConfig:
 
 @dataclass
 class PackingConfig:
-    """data.packing: the streaming best-fit packer's arguments (data.packing.StreamingPacker)."""
+    """data.packing: the streaming best-fit packer's arguments (data.exact_fill.make_packer)."""
 
     open_sequences: int = 8  # sequences kept open for best fit
     buffer_size: int = 64  # lookahead examples; 0 = place each on arrival
+    exact_fill: bool = False  # shrink one image of a sequence when that removes its padding (needs buffer_size > 0)
 
 
 @dataclass
@@ -235,6 +233,7 @@ class Config:
             ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
             ("data.packing.open_sequences", p.open_sequences >= 1, "must be >= 1"),
             ("data.packing.buffer_size", p.buffer_size >= 0, "must be >= 0"),
+            ("data.packing.exact_fill", not p.exact_fill or p.buffer_size > 0, "needs data.packing.buffer_size > 0"),
             ("data.sources.steps_per_epoch", d.sources.steps_per_epoch >= 0, "must be >= 0"),
             ("data.drop.rate", 0.0 <= drop.rate < 1.0, "must be in [0, 1)"),
             ("data.drop.max_rate", 0.0 <= drop.max_rate < 1.0, "must be in [0, 1)"),

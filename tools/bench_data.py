@@ -1,7 +1,9 @@
 """Data-pipeline benchmark, all in one run:
 
 1. padding of the packer on a real image-size distribution for lookahead buffers of 16/64/256
-   examples (against the place-on-arrival packer and one image per sequence);
+   examples (against the place-on-arrival packer and one image per sequence), and with
+   exact-fill packing (data.packing.exact_fill) at the middle buffer: its padding and how much it
+   lowers the mean tokens per image;
 2. images/s of one worker for the full online path (read + decode + size + patchify + tokenize
    + drop + pack) against a plain PIL decode + resize of the same images to the same sizes;
 3. images/s of reading pre-packed shards of the same images against the online path.
@@ -28,8 +30,9 @@ from PIL import Image
 
 from navit_clip.config import load_config
 from navit_clip.data.dropping import DropPolicy
+from navit_clip.data.exact_fill import make_packer
 from navit_clip.data.loader import PackedStream
-from navit_clip.data.packing import PatchedImage, StreamingPacker
+from navit_clip.data.packing import PatchedImage
 from navit_clip.data.prepacked import write_packed_shards
 from navit_clip.data.resolution import ResolutionPolicy, fit_grid
 from navit_clip.data.shards import write_shards
@@ -39,15 +42,19 @@ from size_csv import read_sizes
 
 
 def padding_of(tokens: list[tuple[int, int, int]], seq_len: int, max_images: int, buffer: int,
-               open_sequences: int = 8) -> tuple[float, float]:
-    packer = StreamingPacker(seq_len=seq_len, max_images=max_images, sequences_per_batch=8,
-                             open_sequences=open_sequences, buffer_size=buffer)
+               open_sequences: int = 8, exact_fill: bool = False) -> tuple[float, float, float]:
+    """(padding, images per sequence, mean tokens per image) of the emitted sequences. Patches
+    are single grey pixels (patch size 1), so exact fill can resize them like real ones."""
+    packer = make_packer(seq_len=seq_len, max_images=max_images, sequences_per_batch=8, patch_size=1,
+                         open_sequences=open_sequences, buffer_size=buffer, exact_fill=exact_fill)
     text = np.zeros(1, np.int64)
     for i, (n, rows, cols) in enumerate(tokens):
-        packer.push(PatchedImage(key=str(i), patches=np.zeros((n, 1), np.uint8), coords=np.zeros((n, 2), np.int64),
+        coords = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), -1).reshape(-1, 2)[:n]
+        packer.push(PatchedImage(key=str(i), patches=np.zeros((n, 1), np.uint8), coords=coords.astype(np.int64),
                                  grid=(rows, cols), text=text))
     # steady state, as in training: the end of this finite list (flush) is not counted
-    return packer.padding_fraction, packer.images_per_sequence
+    mean_tokens = packer.tokens_filled / packer.images_emitted if packer.images_emitted else 0.0
+    return packer.padding_fraction, packer.images_per_sequence, mean_tokens
 
 
 def padding_table(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> None:
@@ -63,8 +70,9 @@ def padding_table(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> Non
         "side_normal [64, max]": (ResolutionPolicy(args.patch_size, args.max_tokens, 10_000, "side_normal", 64),
                                   DropPolicy()),
     }
+    middle = args.buffers[len(args.buffers) // 2]
     print(f"{'sizes':<30}{'one/seq':>9}{'arrival':>9}" + "".join(f"{'B=' + str(b):>9}" for b in args.buffers)
-          + "   images/seq at B=" + str(args.buffers[len(args.buffers) // 2]))
+          + f"   images/seq at B={middle}   exact fill at B={middle}: padding, mean tokens/image")
     for name, (policy, drop) in settings.items():
         tokens = []
         for i in order:
@@ -73,10 +81,12 @@ def padding_table(args: argparse.Namespace, sizes: list[tuple[int, int]]) -> Non
             n = max(1, int(round(n * (1 - drop.rate_for(n, rng))))) if drop.kind != "none" else n
             tokens.append((n, rows, cols))
         one = 1 - np.mean([n for n, _, _ in tokens]) / args.max_tokens
-        arrival, _ = padding_of(tokens, args.seq_len, args.max_images, buffer=0)
+        arrival = padding_of(tokens, args.seq_len, args.max_images, buffer=0)[0]
         row = [padding_of(tokens, args.seq_len, args.max_images, buffer=b) for b in args.buffers]
-        mid = row[len(row) // 2][1]
-        print(f"{name:<30}{one:>9.2%}{arrival:>9.2%}" + "".join(f"{p:>9.2%}" for p, _ in row) + f"   {mid:.2f}")
+        _, per_seq, mean = row[len(row) // 2]
+        filled, _, filled_mean = padding_of(tokens, args.seq_len, args.max_images, buffer=middle, exact_fill=True)
+        print(f"{name:<30}{one:>9.2%}{arrival:>9.2%}" + "".join(f"{p:>9.2%}" for p, _, _ in row)
+              + f"   {per_seq:.2f}{filled:>23.2%}, {filled_mean:.1f} ({filled_mean / mean - 1:+.2%})")
 
 
 def make_raw_shard(directory: str, sizes: list[tuple[int, int]], count: int, seed: int) -> tuple[str, int]:
@@ -159,12 +169,13 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=32)
     parser.add_argument("--buffers", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--images", type=int, default=200, help="images in the speed test")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the speed test (0: padding only)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sizes = read_sizes(args.sizes)
     padding_table(args, sizes)
-    speed(args, sizes)
+    if args.repeats > 0:
+        speed(args, sizes)
 
 
 if __name__ == "__main__":

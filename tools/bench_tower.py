@@ -1,8 +1,11 @@
 """Speed of the packed NaViT tower against the baselines, on one image-size distribution, in one run.
 
-1. tower: images/s of packed NaViT (the training packer, `auto` attention) against timm-style
-   batching, one image per row padded to the longest image of its batch (dense SDPA with a
-   key-padding mask), on exactly the same images; forward, and forward+backward.
+1. tower: images/s of packed NaViT (the training packer, `auto` attention) against two
+   one-image-per-row baselines on exactly the same images (dense SDPA with a key-padding mask):
+   padded to the longest image of its batch, and timm's NaFlex batching (each batch draws a
+   sequence length from a fixed set, --naflex-seq-lens, holds tokens-per-batch / that length
+   rows, and every image is resized to the most patches that fit it, aspect ratio kept,
+   upscaled if smaller, as timm's NaFlexViT loader does); forward, and forward+backward.
 2. attention: per-image SDPA (and flex/flash where a GPU runs) against SDPA with a dense
    block-diagonal mask, on the segments of the packed batch (L = --seq-len).
 3. with a GPU only: flex packed against unmasked SDPA at the same L in bf16, and the model FLOPs
@@ -17,6 +20,7 @@ shared machine hits every variant alike.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Callable
@@ -35,9 +39,10 @@ from size_csv import read_sizes
 
 
 
-def draw_images(args: argparse.Namespace, patch: int) -> tuple[PackedBatch, list[PatchedImage]]:
+def draw_images(args: argparse.Namespace, patch: int) -> tuple[PackedBatch, list[PatchedImage], dict[str, tuple]]:
     """Images from the size distribution, through the training packer until one batch of
-    --sequences sequences is complete; returns that batch and its images in stream order."""
+    --sequences sequences is complete; returns that batch, its images in stream order and
+    each image's native (width, height)."""
     rng = np.random.default_rng(args.seed)
     sizes = read_sizes(args.csv)
     policy = ResolutionPolicy(patch_size=patch, max_tokens=args.max_tokens, max_side=args.max_side,
@@ -56,7 +61,8 @@ def draw_images(args: argparse.Namespace, patch: int) -> tuple[PackedBatch, list
         if batches:
             batch = batches[0]
             keys = {k for seq in batch.keys for k in seq}
-            return batch, [image for key, image in stream.items() if key in keys]
+            natives = {key: sizes[int(key)] for key in keys}
+            return batch, [image for key, image in stream.items() if key in keys], natives
     raise SystemExit("the size file ran out before one packed batch was complete")
 
 
@@ -67,6 +73,41 @@ def padded_batches(images: list[PatchedImage], rows_per_batch: int, max_images: 
         chunk = images[start:start + rows_per_batch]
         longest = max(image.num_tokens for image in chunk)
         out.append(to_packed_batch([[image] for image in chunk], longest, max_images, chunk[0].patches.shape[1], 1))
+    return out
+
+
+def naflex_grid(width: int, height: int, patch: int, max_patches: int) -> tuple[int, int]:
+    """timm NaFlex's size for a sequence length: the largest scale (up or down) whose grid,
+    each side rounded up to whole patches, has at most max_patches patches."""
+    def grid(scale: float) -> tuple[int, int]:
+        return max(1, math.ceil(height * scale / patch)), max(1, math.ceil(width * scale / patch))
+
+    low, high = 0.0, (max_patches + 1) * patch / min(width, height)
+    for _ in range(60):
+        mid = (low + high) / 2
+        rows, cols = grid(mid)
+        low, high = (mid, high) if rows * cols <= max_patches else (low, mid)
+    return grid(low)
+
+
+def naflex_batches(images: list[PatchedImage], natives: dict[str, tuple], patch: int, seq_lens: list[int],
+                   tokens_per_batch: int, rng: np.random.Generator) -> list[PackedBatch]:
+    """timm NaFlex batching: each batch draws a sequence length, holds tokens_per_batch // length
+    rows (a multiple of 8 where that is possible), one image per row resized to fit the length."""
+    out, start = [], 0
+    while start < len(images):
+        seq_len = int(seq_lens[int(rng.integers(len(seq_lens)))])
+        rows_per_batch = tokens_per_batch // seq_len
+        rows_per_batch = max(1, rows_per_batch - rows_per_batch % 8 if rows_per_batch >= 8 else rows_per_batch)
+        rows = []
+        for image in images[start:start + rows_per_batch]:
+            r, c = naflex_grid(*natives[image.key], patch, seq_len)
+            coords = np.stack(np.meshgrid(np.arange(r), np.arange(c), indexing="ij"), -1).reshape(-1, 2)
+            rows.append([PatchedImage(key=image.key, patches=rng.integers(0, 256, (r * c, image.patches.shape[1]),
+                                                                          np.uint8),
+                                      coords=coords.astype(np.int64), grid=(r, c), text=image.text)])
+        out.append(to_packed_batch(rows, seq_len, 1, images[0].patches.shape[1], 1))
+        start += rows_per_batch
     return out
 
 
@@ -105,27 +146,39 @@ def tower_step(model: NaViT, batches: list[PackedBatch], backward: bool) -> Call
     return run
 
 
-def bench_tower(args, cfg: VisionConfig, batch: PackedBatch, images: list[PatchedImage], device, dtype) -> None:
+def describe(name: str, batches: list[PackedBatch], n: int) -> str:
+    real = sum(int((b.segment >= 0).sum()) for b in batches)
+    total = sum(b.seq_len * b.num_sequences for b in batches)
+    lengths = sorted({b.seq_len for b in batches})
+    return (f"  {name}: {len(batches)} batches, rows of {'/'.join(map(str, lengths))} tokens, {real / n:.1f} tokens "
+            f"per image, {1 - real / total:.1%} padding")
+
+
+def bench_tower(args, cfg: VisionConfig, batch: PackedBatch, images: list[PatchedImage], natives: dict[str, tuple],
+                device, dtype) -> None:
     torch.manual_seed(0)
     packed_model = NaViT(cfg).to(device, dtype)
     padded_model = NaViT(VisionConfig(**{**cfg.__dict__, "attention": "sdpa"})).to(device, dtype)
     padded_model.load_state_dict(packed_model.state_dict())
-    packed = [batch.to(device)]
-    padded = [b.to(device) for b in padded_batches(images, args.padded_rows, 1)]
-    padded_tokens = sum(b.seq_len * b.num_sequences for b in padded)
     n = len(images)
-    real = sum(image.num_tokens for image in images)
+    runs = {"packed": (packed_model, [batch]),
+            "padded": (padded_model, padded_batches(images, args.padded_rows, 1)),
+            "naflex": (padded_model, naflex_batches(images, natives, cfg.patch_size, args.naflex_seq_lens,
+                                                    batch.num_sequences * batch.seq_len,
+                                                    np.random.default_rng(args.seed)))}
     print(f"\n[tower] NaViT {args.preset} ({sum(p.numel() for p in packed_model.parameters()) / 1e6:.1f}M), "
-          f"{n} images, {real} real tokens; packed: {batch.num_sequences}×{batch.seq_len} "
-          f"({batch.padding_fraction():.1%} padding); padded: {len(padded)} batches of {args.padded_rows} rows, "
-          f"{padded_tokens} tokens ({1 - real / padded_tokens:.1%} padding)")
+          f"{n} images; padded: {args.padded_rows} rows a batch, each padded to its longest image; naflex: "
+          f"sequence lengths {args.naflex_seq_lens}, {batch.num_sequences * batch.seq_len} tokens a batch")
+    for name, (_, batches) in runs.items():
+        print(describe(name, batches, n))
     for backward in (False, True) if args.backward else (False,):
-        variants = {"packed": tower_step(packed_model, packed, backward),
-                    "padded": tower_step(padded_model, padded, backward)}
+        variants = {name: tower_step(model, [b.to(device) for b in batches], backward)
+                    for name, (model, batches) in runs.items()}
         secs = interleaved(variants, args.reps, 1, device, "tower")
         mode = "forward+backward" if backward else "forward"
-        print(f"  {mode:17s} packed {n / secs['packed']:8.1f} img/s   padded {n / secs['padded']:8.1f} img/s"
-              f"   packed/padded = {secs['padded'] / secs['packed']:.2f}x")
+        rates = "   ".join(f"{name} {n / secs[name]:7.1f} img/s" for name in runs)
+        print(f"  {mode:17s} {rates}   packed/padded = {secs['padded'] / secs['packed']:.2f}x   "
+              f"packed/naflex = {secs['naflex'] / secs['packed']:.2f}x")
 
 
 def bench_attention(args, cfg: VisionConfig, batch: PackedBatch, device, dtype) -> None:
@@ -182,7 +235,7 @@ def bench_gpu(args, batch: PackedBatch, device) -> None:
           f"{secs['sdpa'] * 1e3:.2f} ms, flex/unmasked speed = {secs['sdpa'] / secs['flex']:.2f}x")
 
     cfg = VisionConfig(**vision_preset("B/16"), max_grid_side=args.max_side)
-    batch, _ = draw_images(args, cfg.patch_size)  # the same images, cut at patch 16
+    batch, _, _ = draw_images(args, cfg.patch_size)  # the same images, cut at patch 16
     torch.manual_seed(0)
     model = NaViT(cfg).to(device, dtype)
     step = tower_step(model, [batch.to(device)], backward=True)
@@ -215,6 +268,9 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=64)
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--padded-rows", type=int, default=16, help="images per padded batch")
+    parser.add_argument("--naflex-seq-lens", type=int, nargs="+", default=[32, 64, 144, 196, 256],
+                        help="timm NaFlex's sequence lengths (timm: 128 256 576 784 1024; here scaled to the "
+                             "256-token budget)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -228,11 +284,11 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     overrides = {"depth": args.depth} if args.depth else {}
     cfg = VisionConfig(**{**vision_preset(args.preset), **overrides}, max_grid_side=args.max_side)
-    batch, images = draw_images(args, cfg.patch_size)
+    batch, images, natives = draw_images(args, cfg.patch_size)
     print(f"{device} {str(dtype).replace('torch.', '')}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"sizes from {args.csv}, patch {cfg.patch_size}, {args.resolution} resolution "
           f"{args.min_tokens}..{args.max_tokens} tokens, L={args.seq_len}, E_max={args.max_images}")
-    bench_tower(args, cfg, batch, images, device, dtype)
+    bench_tower(args, cfg, batch, images, natives, device, dtype)
     bench_attention(args, cfg, batch, device, dtype)
     if device.type == "cuda":
         bench_gpu(args, batch, device)

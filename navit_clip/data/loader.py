@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from navit_clip.batch import PackedBatch
 from navit_clip.config import SHARD_KINDS
 from navit_clip.data.dropping import apply_dropping
-from navit_clip.data.packing import PatchedImage, StreamingPacker
+from navit_clip.data.exact_fill import make_packer
+from navit_clip.data.packing import PatchedImage
 from navit_clip.data.patches import to_patched
 from navit_clip.data.prepacked import BadSequence, decode_sequence, group, sequences_to_batch, shard_holds_packed
 from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
@@ -137,8 +138,8 @@ class PackedStream(IterableDataset):
     def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         spec = self.spec
         tokenizer = cached_tokenizer(spec.tokenizer, spec.text_len)
-        packer = StreamingPacker(seq_len=spec.seq_len, max_images=spec.max_images,
-                                 sequences_per_batch=spec.sequences_per_batch, **asdict(spec.packing))
+        packer = make_packer(seq_len=spec.seq_len, max_images=spec.max_images, patch_size=spec.patch_size,
+                             sequences_per_batch=spec.sequences_per_batch, **asdict(spec.packing))
         stats = ReadStats()
         reported: Counter = Counter()
         yielded, truncated = 0, Counter()

@@ -163,15 +163,19 @@ class StreamingPacker:
     def _fill_from_buffer(self) -> None:
         """Close one sequence: the oldest example plus the buffered subset that best fills the rest."""
         first = self._buffer.pop(0)
-        chosen = best_subset([im.num_tokens for im in self._buffer], self.seq_len - first.num_tokens,
-                             self.max_images - 1)
+        images, taken = self._compose(first)
         seq = _Sequence(self.seq_len)
-        seq.add(first)
-        for index in chosen:
-            seq.add(self._buffer[index])
-        for index in sorted(chosen, reverse=True):
+        for image in images:
+            seq.add(image)
+        for index in sorted(taken, reverse=True):
             del self._buffer[index]
         self._closed.append(seq)
+
+    def _compose(self, first: PatchedImage) -> tuple[list[PatchedImage], list[int]]:
+        """The images of the sequence that starts with `first`, and the buffer indices they take."""
+        chosen = best_subset([im.num_tokens for im in self._buffer], self.seq_len - first.num_tokens,
+                             self.max_images - 1)
+        return [first] + [self._buffer[index] for index in chosen], chosen
 
     def _emit_ready(self) -> list[PackedBatch]:
         out = []

@@ -54,8 +54,10 @@ def stream_spec(cfg: Config) -> StreamSpec:
 
 def evaluation_spec(cfg: Config, shards: str | None = None) -> StreamSpec:
     """One pass over evaluation shards in shard order: each image at its native size up to the
-    training budget, nothing dropped, `eval.sequences_per_batch` sequences per batch."""
+    training budget (never shrunk to fill a sequence), nothing dropped, `eval.sequences_per_batch`
+    sequences per batch."""
     spec = stream_spec(cfg)
     return replace(spec, shards=shards or cfg.data.eval_shards, sequences_per_batch=cfg.eval.sequences_per_batch,
                    resolution=replace(spec.resolution, mode="native", ramp_steps=0), drop=DropPolicy(),
-                   sources=replace(spec.sources, resampled=False), shuffle_buffer=0, loop=False)
+                   packing=replace(spec.packing, exact_fill=False), sources=replace(spec.sources, resampled=False),
+                   shuffle_buffer=0, loop=False)
