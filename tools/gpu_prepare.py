@@ -24,7 +24,8 @@ NEEDED_MODULES: tuple[tuple[str, str], ...] = (
     ("packaging", "packaging"), ("ftfy", "ftfy"), ("wcwidth", "wcwidth"), ("regex", "regex"),
     ("timm", "timm"), ("huggingface_hub", "huggingface-hub"), ("safetensors", "safetensors"),
     ("einops", "einops"), ("yaml", "PyYAML"), ("tqdm", "tqdm"), ("PIL", "pillow"), ("numpy", "numpy"),
-    ("tensorboard", "tensorboard"), ("matplotlib", "matplotlib"), ("pytest", "pytest"),
+    ("tensorboard", "tensorboard"), ("matplotlib", "matplotlib"), ("sentencepiece", "sentencepiece"),
+    ("pytest", "pytest"),
 )
 # Installed when its wheel is in the folder, and no failure when it is not (the flash backend).
 OPTIONAL_MODULES: tuple[tuple[str, str], ...] = (("flash_attn", "flash-attn"),)

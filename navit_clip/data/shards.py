@@ -26,15 +26,13 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 TEXT_EXTENSIONS = ("txt", "caption")
 
-
 #: Reasons a sample is skipped, in the order training metrics report them ("other" takes the rest).
 SKIP_REASONS = ("unreadable_tar_member", "no_image", "no_caption", "undecodable_image", "image_too_large",
                 "image_too_small", "empty_image", "caption_not_utf8", "empty_caption", "bad_json", "other")
 
 
 def skip_counts(by_reason: dict[str, int]) -> list[int]:
-    """Counts in SKIP_REASONS order, unknown reasons summed into "other" (a fixed-length vector
-    that ranks can all-reduce)."""
+    """Counts in SKIP_REASONS order, unknown reasons in "other": a vector ranks can all-reduce."""
     counts = [int(by_reason.get(reason, 0)) for reason in SKIP_REASONS[:-1]]
     return counts + [sum(n for reason, n in by_reason.items() if reason not in SKIP_REASONS[:-1])]
 
@@ -44,8 +42,7 @@ class ShardError(UserError, ValueError):
 
 
 class NoUsableSampleError(ShardError, RuntimeError):
-    """A reader went through its shards without finding one usable sample (empty or garbage
-    tars, or every sample broken)."""
+    """A reader found no usable sample in its shards (empty or garbage tars, all samples broken)."""
 
 
 @dataclass
