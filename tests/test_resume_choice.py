@@ -68,6 +68,29 @@ def test_the_continued_horizon_travels_in_the_scheduler_state():
     assert restored.lr_lambdas[0].__dict__ == extended.lr_lambdas[0].__dict__
 
 
+def test_a_checkpoint_without_a_saved_schedule_continues_from_its_configured_horizon():
+    """Before the schedule was a callable object, LambdaLR saved none of it: the checkpoint's
+    config then says which train.steps it was trained toward."""
+    from functools import partial
+
+    from navit_clip.train.schedule import restore_horizon, warmup_cosine
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, total_steps=20, warmup_steps=4))
+    for _ in range(12):
+        opt.step()
+        old.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    resumed = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(40, 4, 0.0))  # built with the new train.steps
+    resumed.load_state_dict(old.state_dict())
+    restore_horizon(resumed, {"train": {"steps": 20}})
+    continue_schedule(resumed, 12, 40)
+    reference = WarmupCosine(20, 4, 0.0)
+    reference.continue_to(12, 40)
+    assert [resumed.lr_lambdas[0](k) for k in range(12, 41)] == [reference(k) for k in range(12, 41)]
+    assert resumed.lr_lambdas[0](12) == warmup_cosine(12, total_steps=20, warmup_steps=4)
+
+
 def fake_run(out: Path, steps: list[int], *overrides: str, damaged: int | None = None) -> Path:
     """A run directory whose checkpoints hold their config.json and a manifest (no weights)."""
     ckpt = out / "checkpoints"

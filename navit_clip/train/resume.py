@@ -22,6 +22,7 @@ from navit_clip.errors import CheckpointError, UserError
 from navit_clip.train.checkpoint import latest_tag, load_rng_state, step_tag, tag_step
 from navit_clip.train.manifest import checkpoint_problem, has_manifest
 from navit_clip.train.save import CONFIG_FILE
+from navit_clip.train.schedule import restore_horizon
 from navit_clip.train.metrics import truncate_jsonl
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def load_resume_point(engine, ckpt_dir: Path, found_step: int,
     if path is None:
         raise RuntimeError(f"could not load checkpoint {tag} from {ckpt_dir}")
     start_step, data_state = int(client["step"]), client["data"]
+    restore_horizon(engine.lr_scheduler, client.get("config"))  # loop.py continues it to a new train.steps
     check_same_stream(data_state.get("stream"), stream_id)
     load_rng_state(ckpt_dir / tag, dist.rank())
     log.info("resumed from %s at step %d", path, start_step)

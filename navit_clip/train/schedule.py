@@ -48,3 +48,13 @@ def continue_schedule(scheduler, step: int, total_steps: int) -> None:  # noqa: 
     schedule = scheduler.lr_lambdas[0]
     if isinstance(schedule, WarmupCosine) and schedule.total_steps != total_steps:
         schedule.continue_to(step, total_steps)
+
+
+def restore_horizon(scheduler, saved_config: dict | None) -> None:  # noqa: ANN001 - a torch LambdaLR
+    """After loading a checkpoint: the schedule continues toward the train.steps it was trained
+    toward (its config's). A checkpoint written before the schedule was saved with it restores
+    none of the schedule's attributes, which would leave the configured horizon in place."""
+    steps = (saved_config or {}).get("train", {}).get("steps")
+    schedule = scheduler.lr_lambdas[0]
+    if isinstance(schedule, WarmupCosine) and steps is not None:
+        schedule.total_steps = steps
