@@ -102,14 +102,16 @@ def train_tokenizer_command(shards: str, vocab_size: int, out: str, model_type: 
 
 
 def train_command(config_path: str, overrides: Sequence[str] = (), resume: str | None = None) -> dict:
-    """Train under DeepSpeed; `resume` (latest | never) is train.resume spelled as a flag."""
+    """Train under DeepSpeed; `resume` latest | never is train.resume spelled as a flag, stepN
+    resumes from that checkpoint."""
     from navit_clip import dist
     from navit_clip.train.loop import train
 
     overrides = list(overrides)
     if resume:
-        overrides.append(f"train.resume={resume == 'latest'}")
-    summary = train(load_config(config_path, overrides))
+        overrides.append(f"train.resume={resume != 'never'}")
+    tag = None if resume in (None, "latest", "never") else resume
+    summary = train(load_config(config_path, overrides), resume_tag=tag)
     if dist.is_main():
         print(json.dumps(summary, indent=2))
     return summary
@@ -185,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train under DeepSpeed (1 process, or N via the deepspeed launcher)")
     p.add_argument("--config", dest="config_path", default=default_config)
-    p.add_argument("--resume", choices=["latest", "never"], default=None,
+    p.add_argument("--resume", default=None, metavar="latest|never|stepN",
                    help="latest: continue from the last complete checkpoint in train.out_dir (the default); "
-                        "never: refuse a train.out_dir that holds checkpoints")
+                        "never: refuse a train.out_dir that holds checkpoints; stepN: continue from that checkpoint")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(handler=train_command)
 

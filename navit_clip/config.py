@@ -196,6 +196,7 @@ class TrainConfig:
     deepspeed: str = "configs/deepspeed/cpu.json"
     precision: Precision = "fp32"
     resume: bool = True  # continue from the last complete checkpoint in out_dir if there is one
+    extend: bool = False  # on resume, allow a train.steps other than the checkpoint's (the LR decay is stretched)
     grad_accum_steps: int = 1  # micro-batches (each data.sequences_per_batch per rank) per optimizer step
     peak_tflops: float = 0.0  # peak TFLOP/s of one device for the MFU estimate; 0 = do not report MFU
 

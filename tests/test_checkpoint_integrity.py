@@ -225,7 +225,7 @@ def run_train(shards: str, out: Path, steps: int, inject: str | None = None):
     start = ["-c", inject] if inject else ["-m", "navit_clip"]
     return subprocess.run([sys.executable, *start, "train", *TINY_TRAIN, "optim.warmup_steps=2",
                            f"data.train_shards={shards}", f"train.out_dir={out}", f"train.steps={steps}",
-                           "train.ckpt_every=1"], capture_output=True, text=True, timeout=400, env=env)
+                           "train.ckpt_every=1", "train.extend=true"], capture_output=True, text=True, timeout=400, env=env)
 
 
 @pytest.mark.slow

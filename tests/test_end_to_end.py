@@ -80,7 +80,7 @@ def test_train_resume_eval_export(digits, tmp_path):
     assert latest_tag(run / "checkpoints") == "step60"
 
     # Resume: a longer run continues from step 60, and its steps continue the same metrics file.
-    cli(*train_args(digits, run, steps=68, ckpt_every=30))
+    cli(*train_args(digits, run, steps=68, ckpt_every=30), "train.extend=true")
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
     assert steps == list(range(4, 72, 4))
     assert latest_tag(run / "checkpoints") == "step68"
@@ -90,7 +90,7 @@ def test_train_resume_eval_export(digits, tmp_path):
     # refusals that name the problem: reusing a run dir without resume, resuming a different stream
     for extra, message in ((["train.resume=false"], "train.resume=true"), (["--resume", "never"], "train.resume=true"),
                            (["data.max_images=12"], "max_images")):
-        bad = subprocess.run([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=72, ckpt_every=30),
+        bad = subprocess.run([sys.executable, "-m", "navit_clip", *train_args(digits, run, steps=68, ckpt_every=30),
                               *extra], capture_output=True, text=True, env=clean_env(), timeout=900)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
     assert latest_tag(run / "checkpoints") == "step68"
@@ -173,5 +173,5 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(digits, tmp_path):
     assert summary["stopped_early"] and 4 <= summary["steps"] < 400
     assert latest_tag(run / "checkpoints") == f"step{summary['steps']}"  # not a multiple of ckpt_every
     # and the next run continues from there
-    again = cli(*train_args(digits, run, steps=summary["steps"] + 2, ckpt_every=1000))
+    again = cli(*train_args(digits, run, steps=summary["steps"] + 2, ckpt_every=1000), "train.extend=true")
     assert json.loads(again.stdout[again.stdout.index("{"):])["resumed_from"] == summary["steps"]

@@ -25,7 +25,7 @@ def launch(out: Path, shards: str, steps: int, deepspeed_json: Path) -> subproce
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "navit_clip.cli", "train",
            *TINY, f"data.train_shards={shards}", f"train.out_dir={out}", f"train.steps={steps}", "train.ckpt_every=3",
-           f"train.deepspeed={deepspeed_json}"]
+           f"train.deepspeed={deepspeed_json}", "train.extend=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, f"deepspeed launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc

@@ -58,7 +58,8 @@ def test_gradient_accumulation_steps_once_per_accumulated_batch(data):
 def test_bf16_on_cpu_trains_resumes_and_saves_fp32_weights(data):
     out = data["root"] / "bf16"
     train(data["train_shards"], out, "train.steps=2", "train.ckpt_every=2", "train.precision=bf16")
-    rows = train(data["train_shards"], out, "train.steps=4", "train.ckpt_every=2", "train.precision=bf16")
+    rows = train(data["train_shards"], out, "train.steps=4", "train.ckpt_every=2", "train.precision=bf16",
+                 "train.extend=true")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     plain = data["fp32"]
     # same initial weights and batch, computed in bf16: close to the fp32 loss but not equal to it

@@ -8,7 +8,6 @@ buckets, offload), so the two can never disagree.
 from __future__ import annotations
 
 import json
-from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from navit_clip.config import Config, ConfigError, resolve_path
 from navit_clip.model.clip import NaViTCLIP
 from navit_clip.train.checkpoint import safe_checkpoint_engine
-from navit_clip.train.schedule import warmup_cosine
+from navit_clip.train.schedule import WarmupCosine
 
 # A DeepSpeed JSON that sets one of these is refused rather than silently disagreeing with ours.
 OWNED_DEEPSPEED_KEYS = {
@@ -85,8 +84,7 @@ def build_engine(cfg: Config):
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     # DeepSpeed steps the scheduler once per optimizer step (not per micro-batch), and not at all
     # for a step it skipped.
-    schedule = partial(warmup_cosine, total_steps=cfg.train.steps, warmup_steps=o.warmup_steps,
-                       min_ratio=o.min_lr_ratio)
+    schedule = WarmupCosine(cfg.train.steps, o.warmup_steps, o.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg))

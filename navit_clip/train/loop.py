@@ -29,28 +29,31 @@ from navit_clip.train.metrics import JsonlLogger, TensorBoardLogger, model_flops
 from navit_clip.train.resume import find_resume_step, load_resume_point, prepare_run_dir, stream_identity
 from navit_clip.train.run_lock import hold_run_dir
 from navit_clip.train.save import save_checkpoint
+from navit_clip.train.schedule import continue_schedule
 from navit_clip.train.step import Counts, StepStats, fault_step, train_step
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train for cfg.train.steps steps (resuming if a checkpoint exists); return a summary. The
-    run holds train.out_dir from before anything is built until it ends (train/run_lock.py)."""
+def train(cfg: Config, resume_tag: str | None = None) -> dict[str, Any]:
+    """Train for cfg.train.steps steps (resuming from checkpoint `resume_tag`, else from the last
+    complete one if any); return a summary. The run holds train.out_dir from before anything is
+    built until it ends (train/run_lock.py)."""
     dist.init_distributed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     with hold_run_dir(cfg.train.out_dir):
-        return _train_holding_run_dir(cfg)
+        return _train_holding_run_dir(cfg, resume_tag)
 
 
-def _train_holding_run_dir(cfg: Config) -> dict[str, Any]:
+def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any]:
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    found_step = find_resume_step(cfg, ckpt_dir)  # before the engine: a refusal costs no model build
+    found_step = find_resume_step(cfg, ckpt_dir, resume_tag)  # before the engine: a refusal costs no model build
     engine, _, scheduler = build_engine(cfg)
     spec = stream_spec(cfg)
     stream_id = stream_identity(spec, cfg)
     start_step, data_state = load_resume_point(engine, ckpt_dir, found_step, stream_id)
+    continue_schedule(scheduler, start_step, cfg.train.steps)  # a new train.steps (train.extend)
     prepare_run_dir(cfg, out_dir, start_step)
     rows = MetricsRows(cfg, out_dir, engine, scheduler, start_step)
     poison_step = fault_step(dist.rank())
