@@ -5,6 +5,9 @@ NaN/Inf guard: the loss's finiteness travels in the per-micro-batch all-reduce, 
 a non-finite micro-batch before its backward, together. Without accumulation the step is skipped
 (weights, optimizer state and LR schedule unchanged); with it, the next micro-batch takes the
 dropped one's place so that DeepSpeed's accumulation boundary stays in step.
+
+Data failures: every micro-batch is fetched through `agreed`, so a rank whose data failed stops
+every rank before the forward pass, with one error naming it (train/data_failure.py).
 """
 
 from __future__ import annotations
