@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler(**options)
     except UserError as exc:
-        print(f"navit-clip {command}: error: {exc}", file=sys.stderr)
+        print(f"navit-clip {command}: error: {exc}", file=sys.stderr, flush=True)
+        exc.reported()
         return 2
     return 0
 

@@ -97,6 +97,18 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def first_failing_rank(failed: bool) -> int | None:
+    """The lowest rank on which `failed` is true, the same on every rank (None: none failed).
+    One all-reduce of a flag per rank: cheap enough to run before every step."""
+    if not is_initialized() or world_size() == 1:
+        return 0 if failed else None
+    flags = torch.zeros(world_size(), dtype=torch.int32, device=_collective_device())
+    flags[rank()] = int(failed)
+    dist.all_reduce(flags)
+    failing = flags.nonzero().flatten().tolist()
+    return int(failing[0]) if failing else None
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (no autograd), e.g. for metrics."""
     if is_initialized() and world_size() > 1:

@@ -7,6 +7,9 @@ The CLI prints these as one line and exits 2; anything else is a bug and keeps i
 class UserError(Exception):
     """Something the user gave (config, path, data) is wrong; the message names it."""
 
+    def reported(self) -> None:
+        """Called once the command line has printed the error, before the process exits."""
+
 
 class InputError(UserError, ValueError):
     """An input cannot be used as asked: a caption file, an image folder, an evaluation dataset's
@@ -25,3 +28,18 @@ class CheckpointError(UserError):
 
 class DiskFullError(UserError):
     """Writing a checkpoint ran out of disk space; `latest` still names the last complete one."""
+
+
+class RankDataError(UserError):
+    """One rank's data failed (unreadable shards, a missing file, a shard list that yields
+    nothing): every rank of the run raises this same error together, naming that rank."""
+
+    def reported(self) -> None:
+        """Wait until every rank has printed it: a launcher stops all ranks when the first one
+        exits, which would otherwise cut the others off before they could say why."""
+        from navit_clip import dist
+
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank already gone: nothing left to wait for
+            pass

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from navit_clip.data.shards import write_shards
+from navit_clip.data.shard_files import write_shards
 
 
 def stream_from_config(shards: str, overrides: list[str], **fields):

@@ -91,7 +91,7 @@ MULTILINGUAL = ["a red square on a white field", "빨간 사각형이 있는 사
 def sp_model(tmp_path_factory) -> str:
     """A SentencePiece model trained by `train_tokenizer` on shards of multilingual captions,
     one of them not UTF-8 and one without an image."""
-    from navit_clip.data.shards import write_shards
+    from navit_clip.data.shard_files import write_shards
     from navit_clip.data.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("sp")

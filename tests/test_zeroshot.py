@@ -90,7 +90,7 @@ def test_repeated_keys_and_bad_labels(setup, tmp_path):
     """Two shards written separately reuse keys; a label outside the classes is skipped, counted."""
     from PIL import Image
 
-    from navit_clip.data.shards import write_shards
+    from navit_clip.data.shard_files import write_shards
 
     def shard(name, labels):
         samples = []

@@ -35,7 +35,7 @@ from navit_clip.data.loader import PackedStream
 from navit_clip.data.packing import PatchedImage
 from navit_clip.data.prepacked import write_packed_shards
 from navit_clip.data.resolution import ResolutionPolicy, fit_grid
-from navit_clip.data.shards import write_shards
+from navit_clip.data.shard_files import write_shards
 from navit_clip.data.spec import stream_spec
 from size_csv import read_sizes
 

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from navit_clip.data.shards import write_shards
+from navit_clip.data.shard_files import write_shards
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Light ink on dark paper in shades of grey, like MNIST itself. With coloured ink and paper a

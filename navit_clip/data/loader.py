@@ -25,8 +25,9 @@ from navit_clip.data.exact_fill import make_packer
 from navit_clip.data.packing import PatchedImage
 from navit_clip.data.patches import to_patched
 from navit_clip.data.prepacked import BadSequence, decode_sequence, group, sequences_to_batch, shard_holds_packed
+from navit_clip.data.shard_files import read_raw
 from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
-                                    parse_weights, read_raw, read_samples, split_shards, split_sources)
+                                    parse_weights, read_samples, split_shards, split_sources)
 from navit_clip.data.spec import StreamSpec
 from navit_clip.data.text import cached_tokenizer
 from navit_clip.errors import UserError
@@ -135,6 +136,13 @@ class PackedStream(IterableDataset):
             if barren > 2 * len(source) + 8:
                 raise stats.no_usable(f"sample in {barren} draws", source)
 
+    def _reader_shards(self, worker: int, num_workers: int) -> list[str]:
+        """The shards this (rank, worker) reads: the ones its no-usable-sample error names."""
+        if self.spec.sources.resampled:
+            return self.shards
+        return [shard for source in self.sources
+                for shard in split_shards(source, self.rank, self.world, worker, num_workers).shards]
+
     def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         spec = self.spec
         tokenizer = cached_tokenizer(spec.tokenizer, spec.text_len)
@@ -167,7 +175,7 @@ class PackedStream(IterableDataset):
                 if quota is not None and in_epoch >= quota:
                     break
             if stats.decoded == 0:
-                raise stats.no_usable("sample", self.shards)
+                raise stats.no_usable("sample", self._reader_shards(worker, num_workers))
 
     def _packed_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
         """Batches from pre-packed shards: split and shuffled by sequence, no decoding."""
@@ -192,11 +200,11 @@ class PackedStream(IterableDataset):
                 reported = Counter(stats.skipped)
                 yield batch
             if stats.decoded == 0:
-                raise stats.no_usable("pre-packed sequence", self.shards)
+                raise stats.no_usable("pre-packed sequence", list(split.shards))
 
     def _read_sequences(self, split: ShardSplit, stats: ReadStats) -> Iterator[dict]:
         spec = self.spec
-        for index, raw in enumerate(read_raw(split.shards, stats)):
+        for index, raw in enumerate(read_raw(split.shards, stats, split.stride, split.offset)):
             if index % split.stride != split.offset:
                 continue
             try:

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,14 +26,15 @@ from typing import Iterator
 from PIL import Image
 from tqdm import tqdm
 
-from navit_clip.data.shards import IMAGE_EXTENSIONS, write_shards
+from navit_clip.data.shard_files import SIZES_FILE, recorded_counts, write_shards
+from navit_clip.data.shards import IMAGE_EXTENSIONS
 from navit_clip.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
 FILE_COLUMNS = ("file", "filepath", "filename", "image", "path")
 # What an earlier make-shards left in its output folder, beside its .tar shards.
-OUTPUT_FILES = ("sizes.json", "dataset.json")
+OUTPUT_FILES = (SIZES_FILE, "dataset.json")
 CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 
 
@@ -227,10 +227,7 @@ def make_shards(entries: Iterator[Entry], out_dir: str | Path, *, per_shard: int
                    "json": {**entry.meta, "source": entry.source or entry.path.name}}
 
     paths = write_shards(samples(), str(out_dir / f"{prefix}-%06d.tar"), max_per_shard=per_shard)
-    sizes = {}
-    for path in paths:
-        with tarfile.open(path) as tar:
-            sizes[os.path.basename(path)] = len({m.name.split(".", 1)[0] for m in tar.getmembers()})
-    (out_dir / "sizes.json").write_text(json.dumps(sizes, indent=2))
+    recorded = recorded_counts(out_dir)  # written beside the shards by write_shards
+    sizes = {os.path.basename(path): recorded[os.path.basename(path)] for path in paths}
     spec = str(out_dir / f"{prefix}-{{000000..{len(paths) - 1:06d}}}.tar") if paths else ""
     return {"shards": spec, "num_shards": len(paths), "num_samples": sum(sizes.values()), "skipped": dict(skipped)}

@@ -125,7 +125,7 @@ def group(sequences: Iterable[dict[str, Any]], size: int, pad_last: bool) -> Ite
 
 def write_packed_shards(batches: Iterable[PackedBatch], pattern: str, sequences_per_shard: int) -> list[str]:
     """Write the non-empty sequences of `batches`, in order, to shards named by pattern % i."""
-    from navit_clip.data.shards import write_shards
+    from navit_clip.data.shard_files import write_shards
 
     def samples() -> Iterator[dict[str, Any]]:
         written = 0

@@ -14,11 +14,11 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
-import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
+from navit_clip.data.shard_files import read_raw
 from navit_clip.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ TEXT_EXTENSIONS = ("txt", "caption")
 
 #: Reasons a sample is skipped, in the order training metrics report them ("other" takes the rest).
 SKIP_REASONS = ("unreadable_tar_member", "no_image", "no_caption", "undecodable_image", "image_too_large",
-                "image_too_small", "empty_image", "caption_not_utf8", "empty_caption", "bad_json", "other")
+                "image_too_small", "empty_image", "caption_not_utf8", "empty_caption", "bad_json", "truncated_shard",
+                "other")
 
 
 def skip_counts(by_reason: dict[str, int]) -> list[int]:
@@ -141,37 +142,6 @@ def split_shards(shards: list[str], rank: int, world: int, worker: int, num_work
     return ShardSplit(tuple(shards), stride=readers, offset=reader)
 
 
-def read_raw(shards: Iterable[str], stats: ReadStats) -> Iterator[dict[str, Any]]:
-    """Yield raw samples ({'__key__', '__url__', ext: bytes}) from tar shards, skipping broken ones."""
-    shards = list(shards)
-
-    def handler(exc: Exception) -> bool:
-        stats.skipped["unreadable_tar_member"] += 1
-        shard, why = _unreadable_shard(exc)
-        if shard not in shards:
-            log.warning("skipping unreadable data: %s", exc)
-        else:
-            log.warning("skipping unreadable data in shard %s: %s", shard, why)
-            stats.unreadable.setdefault(shard, why)
-        return True
-
-    opened = wds.tariterators.url_opener(({"url": s} for s in shards), handler=handler)
-    files = wds.tariterators.tar_file_expander(opened, handler=handler)
-    yield from wds.tariterators.group_by_keys(files, handler=handler)
-
-
-def _unreadable_shard(exc: Exception) -> tuple[str | None, str]:
-    """(shard, why) from an error of webdataset's tar reader, which appends the shard's URL to
-    the error's arguments; an OSError names its file."""
-    args = getattr(exc, "args", ())
-    if len(args) >= 2 and isinstance(args[-1], str) and isinstance(args[0], str):
-        why = {"empty file": "an empty file", "invalid header": "not a tar archive"}.get(args[0], args[0])
-        return args[-1], why
-    if isinstance(exc, OSError) and exc.filename:
-        return str(exc.filename), exc.strerror or str(exc)
-    return None, str(exc)
-
-
 class BadSample(ValueError):
     pass
 
@@ -240,7 +210,7 @@ def read_samples(split: ShardSplit, stats: ReadStats, max_pixels: int = 64_000_0
                  min_side: int = 1, draft: Callable[[int, int], tuple[int, int]] | None = None) -> Iterator[Sample]:
     """Decoded samples of one reader's split, in shard order; bad samples are skipped and counted.
     Images with a side below `min_side` pixels (less than one patch) are skipped as too small."""
-    for index, raw in enumerate(read_raw(split.shards, stats)):
+    for index, raw in enumerate(read_raw(split.shards, stats, split.stride, split.offset)):
         if index % split.stride != split.offset:
             continue
         try:
@@ -288,13 +258,3 @@ def interleave(streams: list[Iterator[Sample]], weights: list[float], rng: Any) 
             yield next(streams[pick])
         except StopIteration:
             active.remove(pick)
-
-
-def write_shards(samples: Iterable[dict[str, Any]], pattern: str, max_per_shard: int) -> list[str]:
-    """Write samples ({'__key__', 'png': bytes, 'txt': str, 'json': dict}) to shards named by pattern % i."""
-    os.makedirs(os.path.dirname(pattern) or ".", exist_ok=True)
-    written: list[str] = []
-    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0, post=written.append) as sink:
-        for sample in samples:
-            sink.write(sample)
-    return written

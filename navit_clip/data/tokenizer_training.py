@@ -18,7 +18,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from navit_clip.config import TOKENIZER_MODELS, TokenizerModel
-from navit_clip.data.shards import IMAGE_EXTENSIONS, BadSample, ReadStats, decode_caption, expand_shards, read_raw
+from navit_clip.data.shard_files import read_raw
+from navit_clip.data.shards import IMAGE_EXTENSIONS, BadSample, ReadStats, decode_caption, expand_shards
 from navit_clip.data.text import TOKENIZER_FILE
 from navit_clip.errors import InputError
 

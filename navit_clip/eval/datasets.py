@@ -25,7 +25,8 @@ from typing import Callable, Iterator
 from braceexpand import braceexpand
 from PIL import Image
 
-from navit_clip.data.shards import IMAGE_EXTENSIONS, ReadStats, expand_shards, read_raw
+from navit_clip.data.shard_files import read_raw
+from navit_clip.data.shards import IMAGE_EXTENSIONS, ReadStats, expand_shards
 from navit_clip.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from navit_clip.config import Config
 from navit_clip.data.loader import ResumableBatches, make_loader
 from navit_clip.data.spec import stream_spec
 from navit_clip.train.checkpoint import latest_tag
+from navit_clip.train.data_failure import agreed
 from navit_clip.train.engine import build_engine, param_checksum, tower_sizes
 from navit_clip.train.metrics import JsonlLogger, TensorBoardLogger, model_flops, plot_curves
 from navit_clip.train.resume import find_resume_step, load_resume_point, prepare_run_dir, stream_identity
@@ -57,8 +58,9 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
     prepare_run_dir(cfg, out_dir, start_step)
     rows = MetricsRows(cfg, out_dir, engine, scheduler, start_step)
     poison_step = fault_step(dist.rank())
-    batches = ResumableBatches(make_loader(spec, rank=dist.rank(), world=dist.world_size(),
-                                           num_workers=cfg.data.num_workers), data_state)
+    batches = agreed(lambda: ResumableBatches(make_loader(spec, rank=dist.rank(), world=dist.world_size(),
+                                                          num_workers=cfg.data.num_workers), data_state),
+                     discard=ResumableBatches.close)
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=not dist.is_main(), desc="train", dynamic_ncols=True)
     totals, final_loss, stop = Counts(), math.nan, StopRequest()

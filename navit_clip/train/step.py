@@ -5,6 +5,9 @@ NaN/Inf guard: the loss's finiteness travels in the per-micro-batch all-reduce, 
 a non-finite micro-batch before its backward, together. Without accumulation the step is skipped
 (weights, optimizer state and LR schedule unchanged); with it, the next micro-batch takes the
 dropped one's place so that DeepSpeed's accumulation boundary stays in step.
+
+Data failures: every micro-batch is fetched through `agreed`, so a rank whose data failed stops
+every rank before the forward pass, with one error naming it (train/data_failure.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from navit_clip.config import Config
 from navit_clip.data.loader import ResumableBatches
 from navit_clip.data.shards import SKIP_REASONS, skip_counts
 from navit_clip.loss import contrastive_loss
+from navit_clip.train.data_failure import agreed
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +117,7 @@ def train_step(engine, batches: ResumableBatches, cfg: Config, stop: StopFlag, s
     module docstring for the non-finite guard)."""
     gas, stats = cfg.train.grad_accum_steps, StepStats()
     while len(stats.losses) < gas:
-        batch = next(batches)
+        batch = agreed(lambda: next(batches))  # a rank whose data failed stops every rank here
         out = engine(batch.to(engine.device))
         # the loss computes in fp32 whatever the towers' dtype, and returns gradients in that dtype
         loss = contrastive_loss(out["image"], out["text"], out["valid"], out["logit_scale"], out.get("logit_bias"),
