@@ -28,12 +28,13 @@ def spec_for(shards: str, *overrides: str, shuffle_buffer: int = 5):
     return stream_from_config(shards, [*BASE, *overrides], loop=True, shuffle_buffer=shuffle_buffer)
 
 
-def check_resume(spec, cut: int, take: int, num_workers: int) -> dict:
+def check_resume(spec, cut: int, take: int, num_workers: int, rank: int = 0, world: int = 1) -> dict:
     """The saved state after `cut` batches resumes to the uninterrupted stream's batches."""
     opened = []
 
     def batches(state=None) -> ResumableBatches:
-        opened.append(ResumableBatches(make_loader(spec, num_workers=num_workers), state=state))
+        loader = make_loader(spec, rank=rank, world=world, num_workers=num_workers)
+        opened.append(ResumableBatches(loader, state=state))
         return opened[-1]
 
     try:
@@ -72,10 +73,34 @@ def test_raw_stream_resumes_across_epochs(tiny_shards, cut):
     assert state["workers"]["0"]["epoch"] >= (1 if cut >= 9 else 0)
 
 
-def test_two_sources_and_two_ranks_resume(tiny_shards):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_two_sources_second_rank_resume(tiny_shards, rank):
     shards = f"{tiny_shards.paths[0]},{tiny_shards.paths[1]};{','.join(tiny_shards.paths[2:])}"
     spec = stream_from_config(shards, [*BASE, "data.sources.weights=0.6,0.4"], loop=True, shuffle_buffer=3)
-    check_resume(spec, cut=6, take=5, num_workers=0)
+    check_resume(spec, cut=3, take=4, num_workers=0, rank=rank, world=2)
+
+
+def test_fewer_shards_than_readers_resume(tiny_shards):
+    """5 shards for 2 ranks x 3 workers: every reader strides through all shards."""
+    spec = spec_for(tiny_shards.spec, "data.packing.buffer_size=3", shuffle_buffer=2)
+    state = check_resume(spec, cut=4, take=3, num_workers=3, rank=1, world=2)
+    assert all(position["splits"][0][0] == 6 for position in state["workers"].values())
+
+
+def test_changed_shards_are_named(tiny_shards, tmp_path):
+    import shutil
+
+    from navit_clip.data.shards import ShardError
+
+    copies = [shutil.copy(path, tmp_path) for path in tiny_shards.paths]
+    spec = spec_for(",".join(copies), "data.packing.buffer_size=6")
+    saved = ResumableBatches(make_loader(spec))
+    list(itertools.islice(saved, 2))
+    state = saved.state_dict()
+    held = state["workers"]["0"]["packer"]["buffer"][0]
+    open(copies[held["shard"]], "wb").close()  # the shard is emptied after the checkpoint
+    with pytest.raises(ShardError, match="shards changed since the checkpoint"):
+        next(ResumableBatches(make_loader(spec), state=state))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from navit_clip.data.shard_files import read_raw
-from navit_clip.data.shards import ReadStats
+from navit_clip.data.shards import ReadStats, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -149,5 +149,7 @@ def fetch(paths: list[str], refs: list[Ref], decode: Decode) -> dict[Ref, Any]:
                 break
     missing = [ref for ref in refs if ref not in found]
     if missing:
-        raise RuntimeError(f"cannot re-read samples {missing[:3]} of the saved data stream position")
+        shard, member = missing[0]
+        raise ShardError(f"cannot resume the data stream: sample {member} of shard {paths[shard]} is gone "
+                         f"({len(missing)} saved samples missing); the shards changed since the checkpoint")
     return found
