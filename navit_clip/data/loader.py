@@ -1,9 +1,10 @@
 """Stream PackedBatches to a training rank: shard split, shuffle, size, patchify, tokenize, pack.
 
 Each (rank, worker) reads its own shards with a generator seeded by (seed, rank, worker, epoch),
-so the stream is a pure function of the config: resuming replays the same stream and skips the
-batches already trained on. The stream is endless for training (epochs follow each other), so
-every rank runs exactly the number of steps asked for.
+so the stream is a pure function of the config. Each batch carries its worker's position after
+it (plain data, see data/online.py); resuming seeks every worker there instead of replaying the
+stream. The stream is endless for training (epochs follow each other), so every rank runs
+exactly the number of steps asked for.
 """
 
 from __future__ import annotations
