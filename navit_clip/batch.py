@@ -24,6 +24,7 @@ class PackedBatch:
     skipped_samples: int = 0  # corrupt samples the reader skipped since its previous batch
     skipped_by_reason: dict = field(default_factory=dict)  # the same skips by reason, e.g. {"no_caption": 2}
     truncated_captions: int = 0  # captions cut to the context length since the reader's previous batch
+    stream_state: dict | None = None  # the reader's position after this batch (plain data), for resume
 
     @property
     def num_sequences(self) -> int:

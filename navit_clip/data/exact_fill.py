@@ -124,15 +124,16 @@ def plan_fill(first: PatchedImage, buffer: list[PatchedImage], seq_len: int, max
 def shrink(image: PatchedImage, tokens: int, grid: tuple[int, int] | None, patch_size: int) -> PatchedImage:
     """The image with `tokens` patches: resized to `grid` from its own pixels, or (grid None, an
     image with dropped patches) keeping `tokens` of its patches spread evenly over them."""
+    origin = None if image.origin is None else {**image.origin, "shrink": [tokens, list(grid) if grid else None]}
     if grid is None:
         kept = (np.arange(tokens) * image.num_tokens) // tokens
-        return replace(image, patches=image.patches[kept], coords=image.coords[kept])
+        return replace(image, patches=image.patches[kept], coords=image.coords[kept], origin=origin)
     rows, cols = image.grid
     channels = image.patches.shape[1] // (patch_size * patch_size)
     pixels = unpatchify(image.patches, rows, cols, patch_size, channels)
     picture = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
     patches, coords = patchify(picture, *grid, patch_size)
-    return replace(image, patches=patches, coords=coords, grid=grid)
+    return replace(image, patches=patches, coords=coords, grid=grid, origin=origin)
 
 
 class ExactFillPacker(StreamingPacker):

@@ -1,18 +1,16 @@
 """Stream PackedBatches to a training rank: shard split, shuffle, size, patchify, tokenize, pack.
 
 Each (rank, worker) reads its own shards with a generator seeded by (seed, rank, worker, epoch),
-so the stream is a pure function of the config: resuming replays the same stream and skips the
-batches already trained on. The stream is endless for training (epochs follow each other), so
-every rank runs exactly the number of steps asked for.
+so the stream is a pure function of the config. Each batch carries its worker's position after
+it (plain data, see data/online.py); resuming seeks every worker there instead of replaying the
+stream. The stream is endless for training (epochs follow each other), so every rank runs
+exactly the number of steps asked for.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import signal
-from collections import Counter
-from dataclasses import asdict, replace
 from typing import Iterator, TypeVar
 
 import numpy as np
@@ -20,16 +18,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from navit_clip.batch import PackedBatch
 from navit_clip.config import SHARD_KINDS
-from navit_clip.data.dropping import apply_dropping
-from navit_clip.data.exact_fill import make_packer
-from navit_clip.data.packing import PatchedImage
-from navit_clip.data.patches import to_patched
-from navit_clip.data.prepacked import BadSequence, decode_sequence, group, sequences_to_batch, shard_holds_packed
-from navit_clip.data.shard_files import read_raw
+from navit_clip.data.online import OnlineWorker
+from navit_clip.data.packed_worker import PackedWorker
+from navit_clip.data.prepacked import shard_holds_packed
 from navit_clip.data.shards import (ReadStats, Sample, ShardError, ShardSplit, expand_shards, interleave,
                                     parse_weights, read_samples, split_shards, split_sources)
 from navit_clip.data.spec import StreamSpec
-from navit_clip.data.text import cached_tokenizer
 from navit_clip.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,40 +83,30 @@ class PackedStream(IterableDataset):
             return kind
         return "packed" if shard_holds_packed(self.shards[0]) else "raw"
 
+    def resume_from(self, workers: dict[int, dict], shift: int) -> None:
+        """Start each worker at its saved position. `shift`: the worker whose batch is next (the
+        DataLoader starts with its first worker, which then plays that worker's part)."""
+        self._resume, self._shift = workers, shift
+
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        if self.kind == "packed":
-            yield from self._packed_batches(worker, num_workers)
-        else:
-            yield from self._online_batches(worker, num_workers)
+        worker = (worker + getattr(self, "_shift", 0)) % num_workers
+        resume = getattr(self, "_resume", {}).get(worker)
+        reader = (PackedWorker if self.kind == "packed" else OnlineWorker)(self, worker, num_workers)
+        yield from reader.batches(resume)
 
-    def _epoch_quota(self, worker: int, num_workers: int) -> int | None:
+    def epoch_quota(self, worker: int, num_workers: int) -> int | None:
         """Batches this worker yields per epoch in resampled mode (None: the epoch ends with the data)."""
         sources = self.spec.sources
         if not sources.resampled or sources.steps_per_epoch <= 0:
             return None
         return sources.steps_per_epoch // num_workers + (worker < sources.steps_per_epoch % num_workers)
 
-    def _epoch_samples(self, worker: int, num_workers: int, epoch: int, rng: np.random.Generator,
-                       stats: ReadStats) -> Iterator[Sample]:
-        """This reader's decoded samples for one epoch, shuffled and mixed across sources."""
-        spec = self.spec
-        if spec.sources.resampled:
-            streams = [self._resampled(source, rng, stats) for source in self.sources]
-            return shuffled(interleave(streams, self.weights, rng), spec.shuffle_buffer, rng)
-        streams = []
-        for source in self.sources:
-            split = split_shards(source, self.rank, self.world, worker, num_workers)
-            order = list(split.shards)
-            if spec.shuffle_buffer > 0:
-                # Readers that stride through all shards must agree on the order, or they would
-                # count positions differently and read some samples twice and others never.
-                shared = split.stride > 1
-                (np.random.default_rng([spec.seed, epoch]) if shared else rng).shuffle(order)
-            streams.append(read_samples(replace(split, shards=tuple(order)), stats, spec.max_image_pixels,
-                                        min_side=spec.patch_size, draft=self.draft))
-        return shuffled(interleave(streams, self.weights, rng), spec.shuffle_buffer, rng)
+    def resampled_samples(self, rng: np.random.Generator, stats: ReadStats) -> Iterator[Sample]:
+        """One epoch of resampled samples (shards drawn with replacement), shuffled and mixed."""
+        streams = [self._resampled(source, rng, stats) for source in self.sources]
+        return shuffled(interleave(streams, self.weights, rng), self.spec.shuffle_buffer, rng)
 
     def _resampled(self, source: list[str], rng: np.random.Generator, stats: ReadStats) -> Iterator[Sample]:
         """Endless samples from shards drawn with replacement (every reader may read every shard)."""
@@ -136,89 +120,12 @@ class PackedStream(IterableDataset):
             if barren > 2 * len(source) + 8:
                 raise stats.no_usable(f"sample in {barren} draws", source)
 
-    def _reader_shards(self, worker: int, num_workers: int) -> list[str]:
+    def reader_shards(self, worker: int, num_workers: int) -> list[str]:
         """The shards this (rank, worker) reads: the ones its no-usable-sample error names."""
         if self.spec.sources.resampled:
             return self.shards
         return [shard for source in self.sources
                 for shard in split_shards(source, self.rank, self.world, worker, num_workers).shards]
-
-    def _online_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
-        spec = self.spec
-        tokenizer = cached_tokenizer(spec.tokenizer, spec.text_len)
-        packer = make_packer(seq_len=spec.seq_len, max_images=spec.max_images, patch_size=spec.patch_size,
-                             sequences_per_batch=spec.sequences_per_batch, **asdict(spec.packing))
-        stats = ReadStats()
-        reported: Counter = Counter()
-        yielded, truncated = 0, Counter()
-        quota = self._epoch_quota(worker, num_workers)
-        epochs = itertools.count() if spec.loop else range(1)
-        for epoch in epochs:
-            rng = np.random.default_rng([spec.seed, self.rank, worker, epoch])
-            samples = self._epoch_samples(worker, num_workers, epoch, rng, stats)
-
-            def prepare(sample: Sample) -> PatchedImage:
-                step = yielded * num_workers + worker
-                image = to_patched(sample, spec.resolution, tokenizer, rng, step, truncated)
-                return apply_dropping(image, spec.drop, rng, step)
-
-            in_epoch = 0
-            for batch in packer.pack_stream(map(prepare, samples), flush=not spec.loop):
-                batch.skipped_by_reason = dict(stats.skipped - reported)
-                batch.skipped_samples = sum(batch.skipped_by_reason.values())
-                reported = Counter(stats.skipped)
-                batch.truncated_captions = truncated["truncated_captions"] - truncated["reported"]
-                truncated["reported"] = truncated["truncated_captions"]
-                yielded += 1
-                in_epoch += 1
-                yield batch
-                if quota is not None and in_epoch >= quota:
-                    break
-            if stats.decoded == 0:
-                raise stats.no_usable("sample", self._reader_shards(worker, num_workers))
-
-    def _packed_batches(self, worker: int, num_workers: int) -> Iterator[PackedBatch]:
-        """Batches from pre-packed shards: split and shuffled by sequence, no decoding."""
-        spec = self.spec
-        stats = ReadStats()
-        reported: Counter = Counter()
-        epochs = itertools.count() if spec.loop else range(1)
-        for epoch in epochs:
-            rng = np.random.default_rng([spec.seed, self.rank, worker, epoch])
-            split = split_shards(self.shards, self.rank, self.world, worker, num_workers)
-            order = list(split.shards)
-            if spec.shuffle_buffer > 0:
-                (np.random.default_rng([spec.seed, epoch]) if split.stride > 1 else rng).shuffle(order)
-            sequences = self._read_sequences(replace(split, shards=tuple(order)), stats)
-            patch_dim = spec.patch_size * spec.patch_size * 3
-            for chunk in group(shuffled(sequences, spec.shuffle_buffer, rng), spec.sequences_per_batch,
-                               pad_last=not spec.loop):
-                batch = sequences_to_batch(chunk, spec.sequences_per_batch, spec.seq_len, spec.max_images,
-                                           patch_dim, spec.text_len)
-                batch.skipped_by_reason = dict(stats.skipped - reported)
-                batch.skipped_samples = sum(batch.skipped_by_reason.values())
-                reported = Counter(stats.skipped)
-                yield batch
-            if stats.decoded == 0:
-                raise stats.no_usable("pre-packed sequence", list(split.shards))
-
-    def _read_sequences(self, split: ShardSplit, stats: ReadStats) -> Iterator[dict]:
-        spec = self.spec
-        for index, raw in enumerate(read_raw(split.shards, stats, split.stride, split.offset)):
-            if index % split.stride != split.offset:
-                continue
-            try:
-                seq = decode_sequence(raw, spec.seq_len, spec.max_images, spec.text_len)
-            except BadSequence as exc:
-                stats.skipped[str(exc)] += 1
-                log.warning("skipping packed sequence %s in shard %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
-                continue
-            if seq["patches"].shape[1] != spec.patch_size * spec.patch_size * 3:
-                raise ShardError(f"pre-packed shard {raw.get('__url__')} holds patches of {seq['patches'].shape[1]} "
-                                 f"values, but model.vision.patch_size={spec.patch_size} needs "
-                                 f"{spec.patch_size ** 2 * 3}")
-            stats.decoded += 1
-            yield seq
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -246,15 +153,31 @@ def make_loader(spec: StreamSpec, *, rank: int = 0, world: int = 1, num_workers:
 
 
 class ResumableBatches:
-    """Counts the batches handed out, so a checkpoint can record where the stream stands;
-    on resume the deterministic stream is replayed and that many batches are skipped."""
+    """Batches handed out, with each worker's stream position after its last one, so that a
+    checkpoint records where the stream stands and a resume seeks there in constant time.
+
+    The DataLoader takes workers in turn, so batch n came from worker n % W: the position of
+    every worker is known exactly. A checkpoint without positions (written before they were
+    recorded, or from a resampled stream) is resumed by replaying the stream and skipping the
+    batches already trained on.
+    """
 
     def __init__(self, loader: DataLoader, state: dict | None = None) -> None:
-        self._iter = iter(loader)
-        self.batches = 0
-        skip = int((state or {}).get("batches", 0))
+        state = state or {}
+        skip = int(state.get("batches", 0))
+        workers = max(1, loader.num_workers)
+        saved = {int(w): s for w, s in (state.get("workers") or {}).items()}
+        self.workers: dict[int, dict | None] = dict(saved)
+        seekable = all(saved.get(w) is not None and saved[w].get("num_workers") == workers
+                       for w in range(min(skip, workers)))
+        if skip and seekable:
+            log.info("resuming the data stream at batch %d from the saved reader positions", skip)
+            loader.dataset.resume_from(saved, shift=skip % workers)
+            self._iter, self.batches = iter(loader), skip
+            return
+        self._iter, self.batches, self.workers = iter(loader), 0, {}
         if skip:
-            log.info("resuming the data stream: skipping %d batches already trained on", skip)
+            log.info("resuming the data stream: replaying it and skipping %d batches already trained on", skip)
         for _ in range(skip):
             next(self)
 
@@ -266,11 +189,19 @@ class ResumableBatches:
             batch = next(self._iter)
         except UserError as exc:
             raise from_worker(exc) from None
+        position = batch.stream_state
+        worker = position["worker"] if position else self.batches % max(1, self._num_workers)
+        self.workers[worker] = position
         self.batches += 1
         return batch
 
+    @property
+    def _num_workers(self) -> int:
+        return getattr(self._iter, "_num_workers", 0)
+
     def state_dict(self) -> dict:
-        return {"batches": self.batches}
+        """{"batches": n, "workers": {worker: position or None}} (plain data: ints, lists, dicts)."""
+        return {"batches": self.batches, "workers": {str(w): s for w, s in sorted(self.workers.items())}}
 
     def close(self) -> None:
         """Stop the DataLoader workers now. They ignore SIGTERM (see _ignore_stop_signals), so a

@@ -26,6 +26,7 @@ class PatchedImage:
     coords: np.ndarray  # [N, 2] int64
     grid: tuple[int, int]  # (rows, cols) of the full grid
     text: np.ndarray  # [T] int64 caption token ids
+    origin: dict | None = None  # where the stream read it (see data/online.py), to make it again on resume
 
     @property
     def num_tokens(self) -> int:
@@ -140,13 +141,17 @@ class StreamingPacker:
 
     def push(self, image: PatchedImage) -> list[PackedBatch]:
         """Add one image; return the batches that became complete (usually none or one)."""
+        self._add(image)
+        return self._emit_ready()
+
+    def _add(self, image: PatchedImage) -> None:
         _check_fits(image, self.seq_len)
         self._shape = self._shape or (image.patches.shape[1], len(image.text))
         if self.buffer_size:
             self._buffer.append(image)
             while len(self._buffer) >= self.buffer_size:
                 self._fill_from_buffer()
-            return self._emit_ready()
+            return
         fits = [s for s in self._open if s.free >= image.num_tokens and len(s.images) < self.max_images]
         if fits:
             target = min(fits, key=lambda s: s.free)
@@ -158,7 +163,6 @@ class StreamingPacker:
         target.add(image)
         if target.free == 0 or len(target.images) == self.max_images:
             self._close(target)
-        return self._emit_ready()
 
     def _fill_from_buffer(self) -> None:
         """Close one sequence: the oldest example plus the buffered subset that best fills the rest."""
@@ -195,21 +199,31 @@ class StreamingPacker:
 
     def flush(self) -> list[PackedBatch]:
         """Close every open sequence and return the rest, the last batch padded with empty sequences."""
+        self._close_all()
+        return list(self._drain())
+
+    def _close_all(self) -> None:
         while self._buffer:
             self._fill_from_buffer()
         for seq in list(self._open):
             self._close(seq)
-        out = self._emit_ready()
-        if self._closed:
-            out.append(self._to_batch(self._closed))
-            self._closed = []
-        return out
+
+    def _drain(self) -> Iterator[PackedBatch]:
+        while self._closed:
+            chunk, self._closed = self._closed[: self.sequences_per_batch], self._closed[self.sequences_per_batch:]
+            yield self._to_batch(chunk)
 
     def pack_stream(self, images: Iterable[PatchedImage], flush: bool = True) -> Iterator[PackedBatch]:
+        """Batches one at a time: between two, the packer holds exactly what was not emitted yet,
+        so its state after each batch is well defined (see data/packer_state.py)."""
         for image in images:
-            yield from self.push(image)
+            self._add(image)
+            while len(self._closed) >= self.sequences_per_batch:
+                chunk, self._closed = self._closed[: self.sequences_per_batch], self._closed[self.sequences_per_batch:]
+                yield self._to_batch(chunk)
         if flush:
-            yield from self.flush()
+            self._close_all()
+            yield from self._drain()
 
 
 def best_subset(sizes: list[int], capacity: int, max_items: int) -> list[int]:

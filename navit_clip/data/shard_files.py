@@ -72,11 +72,16 @@ def write_shards(samples: Iterable[dict[str, Any]], pattern: str, max_per_shard:
     return written
 
 
-def read_raw(shards: Iterable[str], stats: ReadStats, stride: int = 1, offset: int = 0) -> Iterator[dict[str, Any]]:
-    """Yield raw samples ({'__key__', '__url__', ext: bytes}) from tar shards, skipping broken ones.
+def read_raw(shards: Iterable[str], stats: ReadStats, stride: int = 1, offset: int = 0, skip: int = 0,
+             position: int = 0) -> Iterator[dict[str, Any]]:
+    """Yield raw samples ({'__key__', '__url__', '__member__', ext: bytes}) from tar shards,
+    skipping broken ones; `__member__` is the sample's place in its shard.
 
     A reader that keeps every `stride`-th sample from `offset` counts only its own share of a
     shard's missing tail, so that the readers of one shard set count each missing sample once.
+    A reader that resumes mid-shard passes over the first shard's `skip` samples without
+    yielding them (their bytes are read, nothing is decoded); `position` counts the samples
+    its split gave before the first shard.
     """
     shards = list(shards)
     errors = [0]
@@ -92,15 +97,19 @@ def read_raw(shards: Iterable[str], stats: ReadStats, stride: int = 1, offset: i
             stats.unreadable.setdefault(shard, why)
         return True
 
-    position, records = 0, {}
-    for shard in shards:
+    records: dict[str, dict[str, int]] = {}
+    for number, shard in enumerate(shards):
         opened = wds.tariterators.url_opener([{"url": shard}], handler=handler)
         files = wds.tariterators.tar_file_expander(opened, handler=handler)
         errors[0], read = 0, 0
+        passed = skip if number == 0 else 0
         for raw in wds.tariterators.group_by_keys(files, handler=handler):
             read += 1
+            if read <= passed:
+                continue
+            raw["__member__"] = read - 1
             yield raw
-        position += read
+        position += read - passed
         missing = _missing_samples(shard, read + errors[0], records)
         if missing:
             mine = sum(1 for p in range(position, position + missing) if p % stride == offset)
