@@ -224,3 +224,28 @@ def test_no_usable_sample_raises(tmp_path):
 def test_missing_shard_fails_at_construction(tiny_shards):
     with pytest.raises(ValueError, match="tiny-000005.tar"):
         PackedStream(base_spec(str(tiny_shards.directory / "tiny-{000000..000099}.tar")))
+
+
+def test_a_process_that_leaves_its_workers_running_still_exits(tiny_shards):
+    """Workers ignore SIGTERM, which is how multiprocessing stops daemonic children at exit: a
+    loader that is never closed (a test, a crash path) must not hang the interpreter's exit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from navit_clip.config import load_config\n"
+        "from navit_clip.data.spec import stream_spec\n"
+        "from navit_clip.data.loader import make_loader\n"
+        f"cfg = load_config('configs/default.yaml', ['data.train_shards={tiny_shards.spec}'])\n"
+        "it = iter(make_loader(stream_spec(cfg), rank=0, world=1, num_workers=2))\n"
+        "next(it)\n"
+        "print('leaving', flush=True)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "leaving" in proc.stdout
+    assert "Traceback" not in proc.stderr

@@ -9,7 +9,10 @@ exactly the number of steps asked for.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import os
 import signal
 from typing import Iterator, TypeVar
 
@@ -126,6 +129,17 @@ class PackedStream(IterableDataset):
             return self.shards
         return [shard for source in self.sources
                 for shard in split_shards(source, self.rank, self.world, worker, num_workers).shards]
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs first
+def _kill_leftover_workers() -> None:
+    """Workers ignore SIGTERM, which is how multiprocessing stops daemonic children at exit: one
+    left running (a loader that was never closed) would hang this process's exit forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a failure
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(timeout=5)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
