@@ -143,13 +143,14 @@ def export_command(run: str, tag: str | None = None, out: str | None = None, wit
     model, cfg, step = load_trained_model(run, tag)
     path = export_image_encoder(model, out or Path(run) / "export", max_tokens_per_image=cfg.data.resolution.max_tokens,
                                 seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, with_text=with_text,
-                                overwrite=overwrite)
+                                overwrite=overwrite, resolution=cfg.data.resolution)
     what = "image and text encoders" if with_text else "image encoder"
     print(f"exported the {what} of step {step} to {path} (load with navit_clip.export.load_image_encoder)")
     if torch_export:
         import torch
 
-        from navit_clip.export import PROGRAM_FILE, export_program, load_image_encoder
+        from navit_clip.export import PROGRAM_FILE, load_image_encoder
+        from navit_clip.export_program import export_program
 
         program = export_program(load_image_encoder(path), num_sequences=torch_export)
         torch.export.save(program, str(path / PROGRAM_FILE))

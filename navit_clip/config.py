@@ -12,13 +12,12 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-import yaml
+from typing import ClassVar, Literal
 
 from navit_clip.config_load import (CONFIG_DIR, REPO_ROOT, ConfigError, config_from_dict,  # noqa: F401
                                     config_to_dict, parse_overrides, read_yaml_file, resolve_path)
 from navit_clip.config_load import keys_set as _keys_set, merge as _merge, preset_named as _preset_named
+from navit_clip.config_load import vision_preset
 
 
 # The `reference` attention is a test oracle (model/attention.py), not a choice for training.
@@ -29,7 +28,8 @@ PosembCombine = Literal["sum", "stack", "product"]  # of the row and column embe
 Pooling = Literal["map", "mean"]  # map: attention pooling
 TextPooling = Literal["last", "mean"]  # last: the end token (the last non-padding token)
 LossKind = Literal["softmax", "sigmoid"]
-ResolutionMode = Literal["native", "sampled", "side_uniform", "side_normal"]  # docs/data.md
+ResolutionMode = Literal["native", "sampled", "side_uniform", "side_normal", "square"]  # docs/data.md
+SquareFit = Literal["crop", "squash"]  # square mode: shorter side to R then centre crop | resize to R×R
 DropKind = Literal["none", "constant", "beta", "resolution"]
 ShardKind = Literal["auto", "raw", "packed"]  # packed: written by `navit-clip pack-shards`
 Precision = Literal["fp32", "bf16"]
@@ -44,11 +44,11 @@ POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 TEXT_POOLINGS: tuple[str, ...] = typing.get_args(TextPooling)
 LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 RESOLUTION_MODES: tuple[str, ...] = typing.get_args(ResolutionMode)
+SQUARE_FITS: tuple[str, ...] = typing.get_args(SquareFit)
 DROP_KINDS: tuple[str, ...] = typing.get_args(DropKind)
 SHARD_KINDS: tuple[str, ...] = typing.get_args(ShardKind)
 TEMPLATE_SETS: tuple[str, ...] = typing.get_args(TemplateSet)
 TOKENIZER_MODELS: tuple[str, ...] = typing.get_args(TokenizerModel)
-VISION_PRESETS_FILE = CONFIG_DIR / "models" / "vision_presets.yaml"
 
 
 @dataclass
@@ -108,6 +108,7 @@ class ResolutionConfig:
     side_std: float = 0.25  # side_normal: spread, same units
     ramp_start_tokens: int = 0  # > 0: the budget grows from this to max_tokens ...
     ramp_steps: int = 0  # ... over this many steps
+    square_fit: SquareFit = "crop"  # square mode: how an image becomes R×R, R = patch size · sqrt(max_tokens)
 
 
 @dataclass
@@ -229,7 +230,11 @@ class Config:
             ("data.resolution.min_tokens", 1 <= r.min_tokens <= r.max_tokens,
              "must be in [1, data.resolution.max_tokens]"),
             ("data.resolution.side_std", r.side_std > 0, "must be > 0"),
+            ("data.resolution.max_tokens", r.mode != "square" or math.isqrt(r.max_tokens) ** 2 == r.max_tokens,
+             "must be a square number in data.resolution.mode=square (the image is sqrt(max_tokens) patches a side)"),
             ("data.max_images", d.max_images >= 1, "must be >= 1"),
+            ("data.max_images", r.mode != "square" or d.max_images == 1,
+             "must be 1 in data.resolution.mode=square (one image per sequence)"),
             ("data.sequences_per_batch", d.sequences_per_batch >= 1, "must be >= 1"),
             ("data.num_workers", d.num_workers >= 0, "must be >= 0"),
             ("data.packing.open_sequences", p.open_sequences >= 1, "must be >= 1"),
@@ -284,16 +289,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     apply_tokenizer(cfg.model.text, _keys_set(layers, "model.text"))
     return cfg.validate()
-
-
-def vision_preset(name: str) -> dict[str, Any]:
-    """The model.vision values of a named preset (Ti/16, B/16, So400m/14, ...): data in
-    configs/models/vision_presets.yaml, so a size is added by editing YAML, not code."""
-    table = yaml.safe_load(VISION_PRESETS_FILE.read_text())
-    size, _, patch = name.partition("/")
-    sizes = {k.lower(): v for k, v in table["sizes"].items()}
-    if size.lower() not in sizes or not patch.isdigit() or int(patch) not in table["patch_sizes"]:
-        raise ConfigError(f"config key model.vision.preset={name!r} is not a preset (sizes: "
-                          f"{', '.join(table['sizes'])}; patch sizes: {', '.join(map(str, table['patch_sizes']))}; "
-                          f"e.g. B/16)")
-    return {**sizes[size.lower()], "patch_size": int(patch)}

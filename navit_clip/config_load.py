@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # checkout, editable or not, reads them from configs/ at the top of the repository.
 _PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else REPO_ROOT / "configs"
+VISION_PRESETS_FILE = CONFIG_DIR / "models" / "vision_presets.yaml"
 
 
 class ConfigError(UserError, ValueError):
@@ -194,3 +195,16 @@ def resolve_path(path: str | Path) -> Path:
         return p
     shipped = CONFIG_DIR.parent / p
     return shipped if shipped.exists() else p
+
+
+def vision_preset(name: str) -> dict[str, Any]:
+    """The model.vision values of a named preset (Ti/16, B/16, So400m/14, ...): data in
+    configs/models/vision_presets.yaml, so a size is added by editing YAML, not code."""
+    table = yaml.safe_load(VISION_PRESETS_FILE.read_text())
+    size, _, patch = name.partition("/")
+    sizes = {k.lower(): v for k, v in table["sizes"].items()}
+    if size.lower() not in sizes or not patch.isdigit() or int(patch) not in table["patch_sizes"]:
+        raise ConfigError(f"config key model.vision.preset={name!r} is not a preset (sizes: "
+                          f"{', '.join(table['sizes'])}; patch sizes: {', '.join(map(str, table['patch_sizes']))}; "
+                          f"e.g. B/16)")
+    return {**sizes[size.lower()], "patch_size": int(patch)}

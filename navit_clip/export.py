@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from navit_clip.batch import PackedBatch
-from navit_clip.config import TextConfig, VisionConfig, config_from_dict, config_to_dict
+from navit_clip.config import ResolutionConfig, TextConfig, VisionConfig, config_from_dict, config_to_dict
 from navit_clip.data.packing import pack
 from navit_clip.data.patches import patch_image
-from navit_clip.data.resolution import ResolutionPolicy
+from navit_clip.data.resolution import ResolutionPolicy, inference_policy
 from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE, cached_tokenizer
 from navit_clip.errors import InputError, MissingInputError
 from navit_clip.model.clip import NaViTCLIP
@@ -53,21 +52,23 @@ class ImageEncoder(ImageTower):
     """The image tower with the packing limits it was trained with, so it also takes plain images."""
 
     def __init__(self, *, vision: VisionConfig, embed_dim: int, max_tokens_per_image: int, seq_len: int,
-                 max_images: int) -> None:
+                 max_images: int, resolution_mode: str = "native", square_fit: str = "crop") -> None:
         super().__init__(vision, embed_dim)
-        self.max_tokens_per_image = max_tokens_per_image
-        self.seq_len = seq_len
-        self.max_images = max_images
+        self.max_tokens_per_image, self.seq_len, self.max_images = max_tokens_per_image, seq_len, max_images
+        self.resolution_mode, self.square_fit = resolution_mode, square_fit  # how plain images are sized
 
     def pack_images(self, images: Sequence[torch.Tensor | Image.Image], max_tokens: int | None = None) -> PackedBatch:
         """Images ([C, H, W] uint8 or float in [0, 1], or PIL) -> PackedBatch whose slot keys are
-        the images' indices, each at its native size up to the token budget."""
+        the images' indices, each at its native size up to the token budget (a square model's:
+        the square it was trained on, at the budget)."""
         if not images:
             raise ValueError("pack_images needs at least one image")
         budget = max_tokens or self.max_tokens_per_image
         if budget > self.seq_len:
             raise ValueError(f"max_tokens={budget} exceeds the sequence length {self.seq_len}")
-        policy = ResolutionPolicy(patch_size=self.cfg.patch_size, max_tokens=budget, max_side=self.cfg.max_grid_side)
+        policy = inference_policy(ResolutionPolicy(patch_size=self.cfg.patch_size, max_tokens=budget,
+                                                   max_side=self.cfg.max_grid_side, mode=self.resolution_mode,
+                                                   square_fit=self.square_fit))
         examples = [patch_image(str(index), (image if isinstance(image, Image.Image) else _to_pil(image, index))
                                 .convert("RGB"), policy) for index, image in enumerate(images)]
         return pack(examples, self.seq_len, self.max_images)
@@ -107,32 +108,6 @@ class ImageEncoder(ImageTower):
         return out
 
 
-class PackedImageEncoder(nn.Module):
-    """The image encoder on packed tensors only, every shape fixed: what torch.export traces."""
-
-    def __init__(self, encoder: ImageEncoder) -> None:
-        super().__init__()
-        self.tower, self.max_images = encoder, encoder.max_images
-
-    def forward(self, patches: torch.Tensor, coords: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
-        """patches [S, L, P·P·C] uint8, coords [S, L, 2], segment [S, L] -> normalized [S, E_max, D]
-        (empty slots are zeros)."""
-        return F.normalize(self.tower.embed(patches, coords, segment, self.max_images), dim=-1)
-
-
-def export_program(encoder: ImageEncoder, num_sequences: int = 1) -> torch.export.ExportedProgram:
-    """torch.export of the packed forward at S=num_sequences, L=seq_len, E_max=max_images. The
-    program skips the eager check that patch coordinates fit the position table: pack with
-    `encoder.pack_images` (or the data pipeline), which never produces larger ones."""
-    cfg = encoder.cfg
-    S, L = num_sequences, encoder.seq_len
-    example = (torch.zeros(S, L, cfg.patch_size * cfg.patch_size * cfg.channels, dtype=torch.uint8),
-               torch.zeros(S, L, 2, dtype=torch.int64), torch.full((S, L), -1, dtype=torch.int64))
-    device = encoder.proj.weight.device
-    with torch.no_grad():
-        return torch.export.export(PackedImageEncoder(encoder).eval(), tuple(t.to(device) for t in example))
-
-
 def _to_pil(image: torch.Tensor, index: int) -> Image.Image:
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image {index} must be [C, H, W] with C in (1, 3), got shape {tuple(image.shape)}")
@@ -161,9 +136,11 @@ def _prepare_export_dir(out: Path, overwrite: bool) -> None:
 
 
 def export_image_encoder(model: NaViTCLIP, out_dir: str | Path, *, max_tokens_per_image: int, seq_len: int,
-                         max_images: int, with_text: bool = False, overwrite: bool = False) -> Path:
+                         max_images: int, with_text: bool = False, overwrite: bool = False,
+                         resolution: ResolutionConfig | None = None) -> Path:
     """Write the image tower of a trained NaViTCLIP (and, with_text, the text tower and the
-    learned temperature) to out_dir, which must be empty unless `overwrite` replaces its export."""
+    learned temperature) to out_dir, which must be empty unless `overwrite` replaces its export.
+    `resolution` (the run's data.resolution) says how plain images are sized: square or native."""
     out = Path(out_dir)
     _prepare_export_dir(out, overwrite)
     _save_tower(model.image, out / IMAGE_WEIGHTS_FILE)
@@ -177,7 +154,7 @@ def export_image_encoder(model: NaViTCLIP, out_dir: str | Path, *, max_tokens_pe
               "position_embedding": type(navit.pos_emb).__name__,
               "normalization": {"scale": 1 / 255, "mean": navit.pixel_mean.tolist(), "std": navit.pixel_std.tolist()},
               "embed_dim": model.cfg.embed_dim, "max_tokens_per_image": max_tokens_per_image,
-              "seq_len": seq_len, "max_images": max_images,
+              "seq_len": seq_len, "max_images": max_images, "resolution": _resolution_entry(resolution),
               "text": text,
               "logit_scale": float(model.logit_scale.detach()) if with_text else None,
               "tokenizer": _tokenizer_note(model.cfg.text.tokenizer) if with_text else None}
@@ -273,7 +250,18 @@ def load_image_encoder(path: str | Path, device: str | torch.device = "cpu") -> 
 def _image_encoder(config: dict) -> ImageEncoder:
     return ImageEncoder(vision=config_from_dict(VisionConfig, config["vision"]), embed_dim=config["embed_dim"],
                         max_tokens_per_image=config["max_tokens_per_image"], seq_len=config["seq_len"],
-                        max_images=config["max_images"])
+                        max_images=config["max_images"], **_resolution(config))
+
+
+def _resolution_entry(resolution: ResolutionConfig | None) -> dict:
+    resolution = resolution or ResolutionConfig()
+    return {"mode": "square" if resolution.mode == "square" else "native", "square_fit": resolution.square_fit}
+
+
+def _resolution(config: dict) -> dict:
+    """How the export sizes plain images; exports without the entry are NaViT's native sizing."""
+    entry = config.get("resolution") or {}
+    return {"resolution_mode": entry.get("mode", "native"), "square_fit": entry.get("square_fit", "crop")}
 
 
 def _text_encoder(config: dict) -> TextEncoder:

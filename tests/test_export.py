@@ -193,7 +193,7 @@ def test_text_encoder_export_matches_training_model(trained_and_exported, tmp_pa
 def test_torch_export_program_equals_eager(trained_and_exported):
     """The packed forward exported at fixed S, L, E_max gives eager's embeddings on a batch it was
     not traced with (real images, real segments)."""
-    from navit_clip.export import export_program
+    from navit_clip.export_program import export_program
 
     encoder = load_image_encoder(trained_and_exported[1])
     program = export_program(encoder, num_sequences=2)

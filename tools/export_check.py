@@ -28,7 +28,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=200, help="evaluation images to compare on (about)")
     args = parser.parse_args()
 
-    from navit_clip.export import export_program, load_image_encoder
+    from navit_clip.export import load_image_encoder
+    from navit_clip.export_program import export_program
     from navit_clip.train.checkpoint import load_trained_model
 
     start = time.perf_counter()

@@ -43,12 +43,28 @@ def unpatchify(patches: np.ndarray, rows: int, cols: int, patch_size: int, chann
                      p2=patch_size, c=channels)
 
 
+def square_view(image: Image.Image, side: int, fit: str = "crop") -> Image.Image:
+    """The side×side square the fixed-resolution ViT recipe sees, as open_clip's preprocessing
+    makes it: crop: shorter side resized to `side` (bicubic), then the centre square (torchvision
+    Resize + CenterCrop, same rounding); squash: resized to side×side, aspect ratio lost."""
+    if fit == "squash":
+        return image.resize((side, side), Image.Resampling.BICUBIC, reducing_gap=None)
+    width, height = image.size
+    size = (side, int(side * height / width)) if width <= height else (int(side * width / height), side)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = int(round((size[0] - side) / 2.0)), int(round((size[1] - side) / 2.0))
+    return image.crop((left, top, left + side, top + side))
+
+
 def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray = NO_TEXT,
                 rng: np.random.Generator | None = None, step: int = 0,
                 native_size: tuple[int, int] | None = None) -> PatchedImage:
     """Size an RGB image by the policy (from its native size if it was decoded smaller) and cut
     it into patches."""
     rows, cols = policy.grid_for(*(native_size or image.size), rng=rng, step=step)
+    if policy.mode == "square":
+        image = square_view(image, rows * policy.patch_size, policy.square_fit)
     patches, coords = patchify(image, rows, cols, policy.patch_size)
     return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
 

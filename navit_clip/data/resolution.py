@@ -1,17 +1,19 @@
 """Choose each image's patch grid: native size when it fits the token budget, else scaled down.
 
 The aspect ratio is kept (to within one patch) and images are never upscaled: that is NaViT's
-point, a 4:1 banner stays a 4:1 banner and a thumbnail stays small and cheap.
+point, a 4:1 banner stays a 4:1 banner and a thumbnail stays small and cheap. The one exception
+is `square`, the fixed-resolution ViT recipe NaViT is compared against: every image becomes the
+same R×R square (data/patches.py `square_view` crops or squashes it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from navit_clip.config import RESOLUTION_MODES, ResolutionMode
+from navit_clip.config import RESOLUTION_MODES, ResolutionMode, SquareFit
 
 
 def fit_grid(width: int, height: int, patch_size: int, max_tokens: int, max_side: int) -> tuple[int, int]:
@@ -43,7 +45,9 @@ class ResolutionPolicy:
     side length s (in patches, s*s tokens) between sqrt(min_tokens) and sqrt(max_tokens), uniform
     or normal with mean `side_mean` and spread `side_std` (fractions of that range) truncated to
     it; side_mean < 0.5 favours low resolutions. The aspect ratio is always kept and images are
-    never upscaled past their native size.
+    never upscaled past their native size. square: every image is the same grid of
+    sqrt(max_tokens) patches a side (not capped at max_side: a learned table is interpolated), made
+    by `square_fit` (crop: shorter side to R, then the centre R×R; squash: resized to R×R).
 
     A per-step schedule: with `ramp_steps` > 0 the upper budget grows linearly from
     `ramp_start_tokens` at step 0 to max_tokens at step `ramp_steps` (low resolution first).
@@ -60,6 +64,7 @@ class ResolutionPolicy:
     side_std: float = 0.25
     ramp_start_tokens: int = 0
     ramp_steps: int = 0
+    square_fit: SquareFit = "crop"
 
     def max_tokens_at(self, step: int) -> int:
         if self.ramp_steps <= 0 or step >= self.ramp_steps or self.ramp_start_tokens <= 0:
@@ -70,7 +75,7 @@ class ResolutionPolicy:
     def budget(self, rng: np.random.Generator | None, step: int = 0) -> int:
         """The token budget of one image at training step `step`."""
         top = self.max_tokens_at(step)
-        if self.mode == "native":
+        if self.mode in ("native", "square"):
             return top
         if self.mode not in RESOLUTION_MODES:
             raise ValueError(f"unknown resolution mode {self.mode!r} (one of {', '.join(RESOLUTION_MODES)})")
@@ -94,10 +99,23 @@ class ResolutionPolicy:
 
     def grid_for(self, width: int, height: int, rng: np.random.Generator | None = None,
                  step: int = 0) -> tuple[int, int]:
+        if self.mode == "square":
+            side = math.isqrt(self.budget(rng, step))
+            return side, side
         return fit_grid(width, height, self.patch_size, self.budget(rng, step), self.max_side)
 
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
         """The pixel size of the largest grid the policy can pick for an image: JPEGs are decoded
-        straight to a reduced size no smaller than it."""
+        straight to a reduced size no smaller than it (square: the shorter side no smaller than R)."""
+        if self.mode == "square":
+            scale = min(1.0, math.isqrt(self.max_tokens) * self.patch_size / min(width, height))
+            return math.ceil(width * scale), math.ceil(height * scale)
         rows, cols = fit_grid(width, height, self.patch_size, self.max_tokens, self.max_side)
         return cols * self.patch_size, rows * self.patch_size
+
+
+def inference_policy(policy: ResolutionPolicy, max_tokens: int | None = None) -> ResolutionPolicy:
+    """How evaluation and export size an image: a square model sees squares made the way it was
+    trained; any other sees each image at its native size shrunk to the budget (never sampled)."""
+    mode = "square" if policy.mode == "square" else "native"
+    return replace(policy, mode=mode, ramp_steps=0, max_tokens=max_tokens or policy.max_tokens)

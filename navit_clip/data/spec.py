@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 from navit_clip.config import Config, PackingConfig, SourcesConfig
 from navit_clip.data.dropping import DropPolicy
-from navit_clip.data.resolution import ResolutionPolicy
+from navit_clip.data.resolution import ResolutionPolicy, inference_policy
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,11 @@ def stream_spec(cfg: Config) -> StreamSpec:
 
 
 def evaluation_spec(cfg: Config, shards: str | None = None) -> StreamSpec:
-    """One pass over evaluation shards in shard order: each image at its native size up to the
-    training budget (never shrunk to fill a sequence), nothing dropped, `eval.sequences_per_batch`
-    sequences per batch."""
+    """One pass over evaluation shards in shard order: each image sized as `inference_policy` says
+    at the training budget (never shrunk to fill a sequence), nothing dropped,
+    `eval.sequences_per_batch` sequences per batch."""
     spec = stream_spec(cfg)
     return replace(spec, shards=shards or cfg.data.eval_shards, sequences_per_batch=cfg.eval.sequences_per_batch,
-                   resolution=replace(spec.resolution, mode="native", ramp_steps=0), drop=DropPolicy(),
+                   resolution=inference_policy(spec.resolution), drop=DropPolicy(),
                    packing=replace(spec.packing, exact_fill=False), sources=replace(spec.sources, resampled=False),
                    shuffle_buffer=0, loop=False)

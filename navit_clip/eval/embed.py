@@ -1,6 +1,7 @@
 """Embed every image of an evaluation set at a token budget, packed exactly as in training
-(native aspect ratio, shrunk to the budget, streamed through the best-fit packer), and keep the
-embeddings in the dataset's order together with each image's label and captions."""
+(native aspect ratio, shrunk to the budget, or a square model's R×R square at the budget;
+streamed through the best-fit packer), and keep the embeddings in the dataset's order together
+with each image's label and captions."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from navit_clip.data.packing import StreamingPacker
 from navit_clip.data.patches import patch_image
-from navit_clip.data.resolution import ResolutionPolicy
+from navit_clip.data.resolution import ResolutionPolicy, inference_policy
 from navit_clip.data.shards import ReadStats
 from navit_clip.errors import InputError
 from navit_clip.eval.datasets import EvalDataset
@@ -53,7 +54,8 @@ def check_budget(towers: Towers, budget: int | None) -> int:
 def embed_images(towers: Towers, dataset: EvalDataset, budget: int | None = None, *, progress: bool = True,
                  desc: str = "images") -> ImageEmbeddings:
     budget = check_budget(towers, budget)
-    policy = ResolutionPolicy(patch_size=towers.patch_size, max_tokens=budget, max_side=towers.max_side)
+    policy = inference_policy(ResolutionPolicy(patch_size=towers.patch_size, max_tokens=budget, max_side=towers.max_side,
+                                               mode=towers.resolution_mode, square_fit=towers.square_fit))
     packer = StreamingPacker(seq_len=towers.seq_len, max_images=towers.max_images,
                              sequences_per_batch=towers.sequences_per_batch, open_sequences=towers.open_sequences)
     stats = ReadStats()

@@ -32,6 +32,8 @@ class Towers:
     open_sequences: int = 8
     cfg: object | None = None  # the training Config, for a training run
     tokenizer: str = CLIP_BPE  # model.text.tokenizer: clip-bpe or the SentencePiece file kept with the model
+    resolution_mode: str = "native"  # data.resolution.mode of training; square models see squares (inference_policy)
+    square_fit: str = "crop"  # data.resolution.square_fit
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Captions -> token ids [n, context_length] on the towers' device, as in training."""
@@ -54,7 +56,8 @@ def from_training_model(model, cfg, device: torch.device | str = "cpu", name: st
                   patch_size=cfg.model.vision.patch_size, max_side=cfg.model.vision.max_grid_side,
                   seq_len=cfg.data.seq_len, max_images=cfg.data.max_images,
                   max_tokens_per_image=cfg.data.resolution.max_tokens, device=device, step=step, cfg=cfg,
-                  sequences_per_batch=cfg.eval.sequences_per_batch, open_sequences=cfg.data.packing.open_sequences)
+                  sequences_per_batch=cfg.eval.sequences_per_batch, open_sequences=cfg.data.packing.open_sequences,
+                  resolution_mode=cfg.data.resolution.mode, square_fit=cfg.data.resolution.square_fit)
 
 
 def load_towers(path: str | Path, tag: str | None = None, device: torch.device | str = "cpu",
@@ -92,4 +95,5 @@ def _from_export(path: Path, device: torch.device) -> Towers:
                   tokenizer=text.cfg.tokenizer if text is not None else CLIP_BPE,
                   patch_size=image.cfg.patch_size, max_side=image.cfg.max_grid_side,
                   seq_len=image.seq_len, max_images=image.max_images,
-                  max_tokens_per_image=image.max_tokens_per_image, device=device)
+                  max_tokens_per_image=image.max_tokens_per_image, device=device,
+                  resolution_mode=image.resolution_mode, square_fit=image.square_fit)
