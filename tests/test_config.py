@@ -357,8 +357,12 @@ CHOICE_FIELDS = dict(choice_fields())
 def test_every_choice_list_is_typed():
     assert set(CHOICE_FIELDS) == {
         "model.vision.attention", "model.vision.posemb", "model.vision.posemb_coords", "model.vision.posemb_combine",
-        "model.vision.pooling", "model.text.pooling", "model.loss", "data.resolution.mode", "data.drop.kind", "data.sources.shard_kind",
-        "train.precision", "eval.templates"}
+        "model.vision.pooling", "model.text.pooling", "model.loss", "data.resolution.mode", "data.resolution.square_fit",
+        "data.drop.kind", "data.sources.shard_kind", "train.precision", "eval.templates"}
+
+
+# choices that need other keys set to match: square mode packs one image per sequence
+CONSISTENT_WITH = {("data.resolution.mode", "square"): ["data.max_images=1"]}
 
 
 @pytest.mark.parametrize("key", sorted(CHOICE_FIELDS))
@@ -368,7 +372,7 @@ def test_bad_choice_names_key_and_allowed_values(key):
         load_config(None, [f"{key}=nonsense"])
     assert str(info.value) == f"config key {key} must be one of {', '.join(allowed)}, got 'nonsense'"
     for value in allowed:  # and every listed choice is accepted
-        assert resolve(load_config(None, [f"{key}={value}"]), key) == value
+        assert resolve(load_config(None, [f"{key}={value}", *CONSISTENT_WITH.get((key, value), [])]), key) == value
 
 
 def test_reference_attention_is_not_a_user_choice():
