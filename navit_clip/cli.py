@@ -119,14 +119,15 @@ def train_command(config_path: str, overrides: Sequence[str] = (), resume: str |
 
 def eval_command(run: str, shards: str | None = None, tag: str | None = None, task: str = "auto",
                  templates: str | None = None, classnames: str | None = None, split: str = "test",
-                 budgets: str | None = None, out: str | None = None, overrides: Sequence[str] = ()) -> dict:
-    """Zero-shot classification or retrieval; prints one summary line per budget."""
+                 budgets: str | None = None, out: str | None = None, overrides: Sequence[str] = (),
+                 train_data: str | None = None) -> dict:
+    """Zero-shot classification, retrieval or a linear probe; prints one summary line per budget."""
     from navit_clip.eval.run import run_eval
     from navit_clip.eval.sweep import parse_budgets
 
     result = run_eval(run, shards, tag=tag, task=task, templates=templates,
                       budgets=parse_budgets(budgets) if budgets else None, split=split, classnames=classnames,
-                      out=out, overrides=overrides)
+                      out=out, overrides=overrides, train_data=train_data)
     for line in result["summary"]:
         print(line)
     for what, path in result["written"].items():
@@ -194,13 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.set_defaults(handler=train_command)
 
-    p = sub.add_parser("eval", help="zero-shot classification or retrieval of a training run or an exported encoder")
+    p = sub.add_parser("eval", help="zero-shot classification, retrieval or linear probe of a run or an export")
     p.add_argument("--run", required=True, help="training run directory (train.out_dir) or exported encoder directory")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     p.add_argument("--data", "--shards", dest="shards", default=None,
                    help="shards (spec or folder), CLIP_benchmark wds root, image folder or path,caption CSV "
                         "(default: data.eval_shards of the run)")
-    p.add_argument("--task", default="auto", choices=("auto", "classification", "retrieval"))
+    p.add_argument("--task", default="auto", choices=("auto", "classification", "retrieval", "linear_probe"))
+    p.add_argument("--train-data", default=None, help="linear_probe: labelled images to fit on (docs/eval.md)")
     p.add_argument("--templates", default=None, help="dataset | imagenet | FILE (default: eval.templates)")
     p.add_argument("--classnames", default=None, help="class names file for an image folder, one per line")
     p.add_argument("--split", default="test", help="split folder of a CLIP_benchmark wds root")

@@ -9,11 +9,11 @@ import math
 from pathlib import Path
 
 CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall")
-TASKS = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+TASKS = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear_probe": "linear_probe"}
 
 
 def metric_names(kind: str, result: dict) -> list[str]:
-    if kind == "classification":
+    if kind in ("classification", "linear_probe"):
         return list(CLASSIFICATION_METRICS)
     return [k for k in result if "_retrieval_recall@" in k]
 
@@ -45,9 +45,11 @@ def write_json(path: str | Path, record: dict) -> Path:
 
 
 def summary_line(kind: str, result: dict) -> str:
-    if kind == "classification":
+    if kind in ("classification", "linear_probe"):
         acc5 = "n/a" if result["acc5"] is None else f"{result['acc5']:.1%}"
-        return (f"zero-shot on {result['num_images']} images ({result['num_classes']} classes, chance "
+        what = (f"linear probe (fit on {result['num_train_images']} images, weight decay {result['weight_decay']:g})"
+                if kind == "linear_probe" else "zero-shot")
+        return (f"{what} on {result['num_images']} images ({result['num_classes']} classes, chance "
                 f"{result['chance_acc1']:.1%}) at {result['max_tokens_per_image']} tokens: acc1 {result['acc1']:.1%}  "
                 f"acc5 {acc5}  mean per-class recall {result['mean_per_class_recall']:.1%}")
     parts = "  ".join(f"{k.replace('_retrieval_recall', '')} {v:.1%}" for k, v in result.items() if "recall@" in k)

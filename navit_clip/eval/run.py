@@ -1,5 +1,6 @@
-"""`navit-clip eval`: one model (training run or export), one dataset (any layout), one task,
-one token budget or a sweep over several; results written in CLIP_benchmark's JSON format."""
+"""`navit-clip eval`: one model (training run or export), one dataset (any layout), one task
+(zero-shot classification, retrieval or a linear probe), one token budget or a sweep over several;
+results written in CLIP_benchmark's JSON format."""
 
 from __future__ import annotations
 
@@ -11,22 +12,24 @@ import torch
 from navit_clip.errors import InputError
 from navit_clip.eval.datasets import open_dataset
 from navit_clip.eval.embed import check_budget
+from navit_clip.eval.linear_probe import linear_probe, probe_training_data
 from navit_clip.eval.report import clip_benchmark_record, summary_line, write_json
 from navit_clip.eval.retrieval import retrieve
 from navit_clip.eval.sweep import sweep, write_sweep
 from navit_clip.eval.towers import load_towers
 from navit_clip.eval.zeroshot import classify, resolve_templates
 
-RESULT_FILES = {"classification": "zeroshot.json", "retrieval": "retrieval.json"}
+RESULT_FILES = {"classification": "zeroshot.json", "retrieval": "retrieval.json", "linear_probe": "linear_probe.json"}
 
 
 def run_eval(model: str | Path, data: str | None = None, *, tag: str | None = None, task: str = "auto",
              templates: str | None = None, budgets: Sequence[int] | None = None, split: str = "test",
              classnames: str | None = None, out: str | Path | None = None, overrides: Sequence[str] = (),
-             device: str | None = None, progress: bool = True) -> dict:
+             device: str | None = None, progress: bool = True, train_data: str | None = None) -> dict:
     """Evaluate and write the result (one budget: a JSON file; several: a folder with one JSON per
     budget and the sweep table and plot). Returns the result of the last budget, with `record`
-    (the CLIP_benchmark record) and `written` (paths)."""
+    (the CLIP_benchmark record) and `written` (paths). `train_data`: the linear probe's training
+    images (default: see `probe_training_data`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     towers = load_towers(model, tag, device, list(overrides))
     cfg = towers.cfg
@@ -34,19 +37,23 @@ def run_eval(model: str | Path, data: str | None = None, *, tag: str | None = No
     budgets = list(budgets or [default_budget])
     for budget in budgets:  # all of them before the first is evaluated
         check_budget(towers, budget)
+    given = data is not None
     if data is None:
         if cfg is None:
             raise InputError(f"{model} is an export: name the evaluation data (--data)")
         data = cfg.data.eval_shards
     dataset = open_dataset(str(data), split=split, class_names_file=classnames)
     kind = dataset.kind if task == "auto" else task
-    if kind not in ("classification", "retrieval"):
-        raise InputError(f"unknown task {task!r} (auto, classification or retrieval)")
+    if kind not in RESULT_FILES:
+        raise InputError(f"unknown task {task!r} (auto, {', '.join(RESULT_FILES)})")
+    if kind != "retrieval" and dataset.kind != "classification":
+        raise InputError(f"{data} has no class names: it can only be used for retrieval")
     if kind == "classification":
-        if dataset.kind != "classification":
-            raise InputError(f"{data} has no class names: it can only be used for retrieval")
         prompts = resolve_templates(templates or (cfg.eval.templates if cfg is not None else None), dataset)
         evaluate = lambda budget: classify(towers, dataset, prompts, budget, progress)  # noqa: E731
+    elif kind == "linear_probe":
+        train = probe_training_data(towers, str(data), given, train_data, classnames)
+        evaluate = lambda budget: linear_probe(towers, train, dataset, budget, progress)  # noqa: E731
     else:
         evaluate = lambda budget: retrieve(towers, dataset, budget, progress=progress)  # noqa: E731
     results = sweep(budgets, evaluate)
