@@ -140,7 +140,7 @@ def linear_probe(towers: Towers, train: EvalDataset, test: EvalDataset, budget: 
 def probe_training_data(towers: Towers, data: str, given: bool, train_data: str | None,
                         class_names_file: str | None = None) -> EvalDataset:
     """The labelled images the probe is fit on: --train-data; else a CLIP_benchmark root's `train`
-    split; else, for a run evaluated on its own eval shards, its data.train_shards."""
+    split; else, for a run evaluated without --data (on its eval shards), its data.train_shards."""
     if train_data is None and (Path(data) / "train").is_dir():
         train_data = data
     if train_data is None and not given and towers.cfg is not None:
