@@ -104,8 +104,8 @@ def test_square_config_checks_and_the_comparison_configs():
     default = flat(config_to_dict(load_config(REPO / "configs" / "default.yaml")))
     assert {k for k in navit if navit[k] != default[k]} == {"train.out_dir"}
     differ = {k for k in navit if navit[k] != square[k]}
-    assert all(k.startswith(("data.", "model.vision.posemb", "model.vision.max_grid_side", "train.out_dir"))
-               for k in differ), differ
+    assert all(k.startswith(("data.", "model.vision.posemb", "model.vision.max_grid_side", "train.out_dir",
+                             "eval.sequences_per_batch")) for k in differ), differ
     tokens = [c["data.sequences_per_batch"] * c["data.seq_len"] for c in (navit, square)]
     assert tokens[0] == tokens[1] == 2048
 
