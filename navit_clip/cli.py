@@ -26,16 +26,14 @@ def make_shards_command(out: str | None = None, train_copies: int = 2, seed: int
                         overwrite: bool = False, dataset: str = "digits") -> dict:
     """Shards from images + captions or img2dataset output; with neither, a bundled dataset
     (`dataset`: digits or objects) into `out` (default data/<dataset>)."""
+    out = out or f"data/{dataset}"
     if images or img2dataset:
-        if not out:
-            raise InputError("--out is needed with --images or --img2dataset")
         return _make_shards_from_files(out, images, captions, img2dataset, per_shard, prefix, max_side,
                                        allow_outside_images, overwrite)
     from navit_clip.data.make_shards import prepare_out_dir
 
     if dataset not in BUNDLED_DATASETS:
         raise InputError(f"unknown bundled dataset {dataset!r} (one of {', '.join(BUNDLED_DATASETS)})")
-    out = out or f"data/{dataset}"
     prepare_out_dir(out, overwrite)
     if dataset == "objects":
         from navit_clip.data.objects import make_object_shards
@@ -236,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-shards", help="WebDataset shards from images + captions, img2dataset output, "
                                             "or (with no input) a bundled dataset")
-    p.add_argument("--out", default=None, help="output folder (default for a bundled dataset: data/<dataset>)")
+    p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
     p.add_argument("--dataset", default="digits", choices=BUNDLED_DATASETS,
                    help="with no input: the bundled dataset to build (digits, or objects: 1-3 objects per canvas)")
     p.add_argument("--train-copies", type=int, default=2, help="digits: renderings of each training digit")
