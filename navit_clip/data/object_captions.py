@@ -81,8 +81,12 @@ def train_caption(meta: dict, rng: np.random.Generator) -> str:
     if rng.random() >= BACKGROUND_PROBABILITY:
         wordings = [t for t in wordings if "{background}" not in t]
     template = wordings[int(rng.integers(len(wordings)))]
-    order = _left_to_right(objects) if template == LEFT_TO_RIGHT else [objects[i] for i in rng.permutation(len(objects))]
-    phrases = [object_phrase(o["class_name"], o["colour"] if rng.random() < COLOUR_PROBABILITY else None) for o in order]
+    if template == LEFT_TO_RIGHT:
+        order = _left_to_right(objects)
+    else:
+        order = [objects[i] for i in rng.permutation(len(objects))]
+    phrases = [object_phrase(o["class_name"], o["colour"] if rng.random() < COLOUR_PROBABILITY else None)
+               for o in order]
     return template.format(objects=join(phrases), count=COUNTS[len(objects)], background=meta["background"])
 
 
