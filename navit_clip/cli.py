@@ -12,26 +12,28 @@ from pathlib import Path
 from typing import Sequence
 
 from navit_clip.config import CONFIG_DIR, TOKENIZER_MODELS, load_config
+from navit_clip.data.bundled import BUNDLED_DATASETS
 from navit_clip.errors import InputError, UserError
 
 # Each command imports what it needs when it runs: only `train` (and `demo`) build a DeepSpeed
 # engine, so only they import DeepSpeed.
 
 
-def make_shards_command(out: str, train_copies: int = 2, seed: int = 0, images: str | None = None,
+def make_shards_command(out: str | None = None, train_copies: int = 2, seed: int = 0, images: str | None = None,
                         captions: str | None = None, img2dataset: str | None = None, per_shard: int = 1000,
                         prefix: str = "shard", max_side: int = 0, allow_outside_images: bool = False,
-                        overwrite: bool = False) -> dict:
-    """Shards from images + captions or img2dataset output; with neither, the bundled digits."""
+                        overwrite: bool = False, dataset: str = "digits") -> dict:
+    """Shards from images + captions or img2dataset output; with neither, the bundled `dataset`."""
+    out = out or f"data/{dataset}"
     if images or img2dataset:
         return _make_shards_from_files(out, images, captions, img2dataset, per_shard, prefix, max_side,
                                        allow_outside_images, overwrite)
-    from navit_clip.data.digits import make_digit_shards
+    from navit_clip.data.bundled import make_bundled
     from navit_clip.data.make_shards import prepare_out_dir
 
     prepare_out_dir(out, overwrite)
-    info = make_digit_shards(out, train_copies=train_copies, seed=seed)
-    print(f"wrote {info['num_train']} training and {info['num_eval']} evaluation samples to {out}")
+    info, message = make_bundled(dataset, out, seed=seed, train_copies=train_copies)
+    print(message)
     return info
 
 
@@ -222,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=export_command)
 
     p = sub.add_parser("make-shards", help="WebDataset shards from images + captions, img2dataset output, "
-                                            "or (with no input) the bundled digits dataset")
-    p.add_argument("--out", default="data/digits")
+                                            "or (with no input) a bundled dataset")
+    p.add_argument("--out", default=None, help="output folder (default: data/<dataset>)")
+    p.add_argument("--dataset", default="digits", choices=BUNDLED_DATASETS, help="with no input: the set to build")
     p.add_argument("--train-copies", type=int, default=2, help="digits: renderings of each training digit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", default=None, help="folder of images named by --captions")

@@ -216,15 +216,19 @@ def clip_benchmark_wds(root: str | Path, split: str = "test") -> EvalDataset:
 
 def navit_shards(spec: str) -> EvalDataset:
     """navit-clip shards: classification when `dataset.json` beside them lists `class_names`
-    (labels in each sample's json `label`), otherwise caption retrieval."""
+    (labels in each sample's json `label`), otherwise caption retrieval; the shards it names as
+    `retrieval_shards` are always retrieval."""
     shards = expand_shards(spec)
     info_path = Path(shards[0]).parent / "dataset.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     name = info.get("name", Path(shards[0]).parent.name)
     read = lambda stats: _shard_items(shards, stats)  # noqa: E731
     # num_eval counts the images of the eval shards dataset.json names: a size for these shards only
+    names = {Path(p).name for p in shards}
     eval_names = {Path(p).name for p in braceexpand(info.get("eval_shards", ""))}
-    size = info.get("num_eval") if {Path(p).name for p in shards} == eval_names else None
+    size = info.get("num_eval") if names == eval_names else None
+    if names == {Path(p).name for p in braceexpand(info.get("retrieval_shards", ""))}:  # captioned test set
+        return EvalDataset(name=name, kind="retrieval", read=read, size=info.get("num_retrieval"))
     if "class_names" in info:
         return EvalDataset(name=name, kind="classification", read=read, class_names=list(info["class_names"]),
                            templates=list(info.get("templates") or []) or None, size=size)
