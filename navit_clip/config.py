@@ -22,7 +22,7 @@ from navit_clip.config_load import keys_set as _keys_set, merge as _merge, prese
 
 
 # The `reference` attention is a test oracle (model/attention.py), not a choice for training.
-AttentionBackend = Literal["auto", "sdpa_per_image", "sdpa", "flex", "flash"]
+AttentionBackend = Literal["auto", "sdpa_bucketed", "sdpa_per_image", "sdpa", "flex", "flash"]
 PosembKind = Literal["learned", "sinusoidal", "fourier", "learned_2d"]
 PosembCoords = Literal["absolute", "fractional"]  # patch index | index / side
 PosembCombine = Literal["sum", "stack", "product"]  # of the row and column embeddings

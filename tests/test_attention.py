@@ -9,14 +9,14 @@ import warnings
 import pytest
 import torch
 
-from navit_clip.model import attention
+from navit_clip.model import attention_kernels
 from navit_clip.model.attention import (BACKENDS, FlexBackend, PerImageSdpa, choose_backend, flash_available,
                                         get_attend, image_runs, reference_attend, same_segment_mask)
 
 from attention_cases import random_qkv
 
 # backends that train on CPU (forward and backward); flex runs forward only on CPU; flash needs CUDA
-BACKEND_NAMES = ["reference", "sdpa", "sdpa_per_image", "auto"]
+BACKEND_NAMES = ["reference", "sdpa", "sdpa_per_image", "sdpa_bucketed", "auto"]
 FORWARD_NAMES = [*BACKEND_NAMES, "flex"]
 
 
@@ -169,7 +169,7 @@ def test_image_runs_follow_the_packer_layout():
     assert image_runs(torch.tensor([[0, 1, 0, -1]])) is None  # slot 0 split in two runs
 
 
-@pytest.mark.parametrize("name", ["sdpa_per_image", "sdpa", "auto"])
+@pytest.mark.parametrize("name", ["sdpa_per_image", "sdpa_bucketed", "sdpa", "auto"])
 def test_scattered_slots_match_reference(name):
     """Slot ids need not be contiguous: the per-image backend falls back to gather/scatter."""
     g = torch.Generator().manual_seed(11)
@@ -217,7 +217,7 @@ def test_compiled_flex_runs_whole_tiles(monkeypatch):
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, block_mask=block_mask)
 
-    monkeypatch.setattr(attention, "_compiled_flex", lambda: whole_tiles)
+    monkeypatch.setattr(attention_kernels, "_compiled_flex", lambda: whole_tiles)
     for L, tiled in ((40, 128), (130, 256), (256, 256)):
         q, k, v, segment = random_qkv(S=3, H=2, L=L, Dh=8, seed=L)
         segment[0, L // 2:] = -1  # a long stretch of packer padding
