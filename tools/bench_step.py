@@ -8,17 +8,19 @@ image per row, as many images as our step has token slots), `open_clip.loss.Clip
 `torch.optim.AdamW` with open_clip_train's parameter groups, then its `logit_scale` clamp: what
 one step of `open_clip_train` runs once its batch is in memory.
 
-The two take turns (`--steps` steps each per round, `--rounds` rounds) so that drift of a shared
-machine hits both alike; the medians per step and their ratio are printed.
+The two take turns step by step (`--steps` timed steps each) so that drift of a shared machine
+hits both alike; the median step times, their ratio and the median of the step-by-step ratios
+are printed.
 
     python tools/bench_step.py                        # configs/default.yaml
-    python tools/bench_step.py model.vision.attention=sdpa --rounds 7
+    python tools/bench_step.py model.vision.attention=sdpa --steps 60 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 import statistics
 import tempfile
@@ -93,23 +95,23 @@ def open_clip_step(cfg: Config, images: int):
     return step
 
 
-def timed(step, steps: int) -> float:
-    """Seconds per step, over `steps` steps."""
+def timed(step) -> float:
+    """Seconds of one step."""
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    step()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10, help="steps of each side per round")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of each side")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each side first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("navit_clip.model.attention").setLevel(logging.INFO)  # what `auto` picked
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
@@ -123,19 +125,19 @@ def main() -> None:
           f"{per_step:.1f} images per step); open_clip: {images} images x {cfg.data.resolution.max_tokens} "
           f"tokens (+1 class token each); {torch.get_num_threads()} threads")
     sides = {"ours": our_step(cfg, batches), "open_clip": open_clip_step(cfg, images)}
-    for step in sides.values():
-        timed(step, args.warmup)
+    for _ in range(args.warmup):
+        for step in sides.values():
+            step()
     times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(args.rounds):
+    for _ in range(args.steps):  # one step each in turn: drift of a shared machine hits both alike
         for name, step in sides.items():
-            times[name].append(timed(step, args.steps))
-    ours, theirs = (statistics.median(times[name]) for name in sides)
+            times[name].append(timed(step))
     for name, values in times.items():
-        print(f"{name:>10}: {statistics.median(values) * 1e3:7.1f} ms/step (rounds: "
-              f"{', '.join(f'{x * 1e3:.0f}' for x in values)})")
-    print(f"ratio ours / open_clip: {ours / theirs:.2f} (per-round: "
-          f"{', '.join(f'{a / b:.2f}' for a, b in zip(*times.values()))})")
-
+        print(f"{name:>10}: median {statistics.median(values) * 1e3:7.1f} ms/step, "
+              f"quartiles {' / '.join(f'{q * 1e3:.0f}' for q in statistics.quantiles(values, n=4))} ms")
+    pairs = [a / b for a, b in zip(*times.values())]
+    print(f"ratio ours / open_clip: {statistics.median(times['ours']) / statistics.median(times['open_clip']):.2f} "
+          f"(median of step-by-step ratios {statistics.median(pairs):.2f})")
 
 if __name__ == "__main__":
     main()
