@@ -21,7 +21,7 @@ from navit_clip.config_load import vision_preset
 
 
 # The `reference` attention is a test oracle (model/attention.py), not a choice for training.
-AttentionBackend = Literal["auto", "sdpa_per_image", "sdpa", "flex", "flash"]
+AttentionBackend = Literal["auto", "sdpa_bucketed", "sdpa_per_image", "sdpa", "flex", "flash"]
 PosembKind = Literal["learned", "sinusoidal", "fourier", "learned_2d"]
 PosembCoords = Literal["absolute", "fractional"]  # patch index | index / side
 PosembCombine = Literal["sum", "stack", "product"]  # of the row and column embeddings

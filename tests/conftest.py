@@ -7,6 +7,7 @@ names specific (e.g. `tiny_shards`, not `shards`).
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,11 @@ import pytest
 from PIL import Image
 
 from navit_clip.data.shard_files import write_shards
+
+# `attention: auto` picks its backend by timing, which differs from process to process; tests that
+# compare separate runs bit for bit need the same backend in each, so the suite (and every process
+# it starts) uses the fixed rule. tests/test_attention.py exercises the timed choice itself.
+os.environ.setdefault("NAVIT_CLIP_AUTO_ATTENTION", "rule")
 
 
 def stream_from_config(shards: str, overrides: list[str], **fields):

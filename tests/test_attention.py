@@ -3,20 +3,23 @@ never produces NaN for padding rows."""
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 
 import pytest
 import torch
 
-from navit_clip.model import attention
-from navit_clip.model.attention import (BACKENDS, FlexBackend, PerImageSdpa, choose_backend, flash_available,
-                                        get_attend, image_runs, reference_attend, same_segment_mask)
+from navit_clip.model import attention, attention_kernels
+from navit_clip.model.attention import (AUTO_MODE_ENV, BACKENDS, AutoBackend, Backend, FlexBackend, PerImageSdpa, candidates,
+                                        choose_backend, flash_available, get_attend, image_runs, reference_attend,
+                                        same_segment_mask)
 
 from attention_cases import random_qkv
 
 # backends that train on CPU (forward and backward); flex runs forward only on CPU; flash needs CUDA
-BACKEND_NAMES = ["reference", "sdpa", "sdpa_per_image", "auto"]
+BACKEND_NAMES = ["reference", "sdpa", "sdpa_per_image", "sdpa_bucketed", "auto"]
 FORWARD_NAMES = [*BACKEND_NAMES, "flex"]
 
 
@@ -137,23 +140,115 @@ def test_unknown_backend_raises():
         get_attend("no-such-backend")
 
 
-def test_auto_picks_a_trainable_backend_on_cpu():
+def test_rule_picks_a_trainable_backend_on_cpu():
     cpu = torch.device("cpu")
-    assert choose_backend(cpu, torch.float32, 64, 1024) is BACKENDS["sdpa_per_image"]
-    assert choose_backend(cpu, torch.bfloat16, 64, 512) is BACKENDS["sdpa_per_image"]
-    assert choose_backend(cpu, torch.float32, 32, 256) is BACKENDS["sdpa"]
+    for dtype, head_dim in ((torch.float32, 64), (torch.bfloat16, 32), (torch.float32, 72)):
+        assert choose_backend(cpu, dtype, head_dim) is BACKENDS["sdpa_bucketed"]
+        assert set(candidates(cpu, dtype, head_dim)) == {"sdpa_bucketed", "sdpa", "sdpa_per_image"}
 
 
-def test_auto_matches_reference_on_both_sides_of_the_cpu_switch():
+@pytest.mark.parametrize("mode", ["measure", "rule"])
+def test_auto_matches_reference_at_short_and_long_lengths(mode, monkeypatch):
+    monkeypatch.setenv(AUTO_MODE_ENV, mode)
     for L in (24, 600):
         q, k, v, segment = random_qkv(S=2, L=L, seed=17)
         w = torch.randn_like(q)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = get_attend("auto")(*leaves, segment)
+        out = AutoBackend()(*leaves, segment)
         ref = reference_attend(q, k, v, segment)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         for got in torch.autograd.grad((out * w).sum(), leaves):
             assert torch.isfinite(got).all()
+
+
+class Slowed(Backend):
+    """A backend under the same name that sleeps `seconds` in every call."""
+
+    def __init__(self, inner: Backend, seconds: float) -> None:
+        self.inner, self.seconds, self.name = inner, seconds, inner.name
+
+    def bind(self, segment):
+        bound = self.inner.bind(segment)
+
+        def attend(q, k, v):
+            time.sleep(self.seconds)
+            return bound(q, k, v)
+        return attend
+
+
+@pytest.mark.parametrize("fastest", ["sdpa", "sdpa_per_image", "sdpa_bucketed"])
+def test_auto_picks_what_the_timed_trial_finds_fastest(fastest, monkeypatch, caplog):
+    """The other candidates are slowed down by a sleep far above any timing noise: the trial
+    must time real calls to see it."""
+    monkeypatch.setenv(AUTO_MODE_ENV, "measure")
+    for name in ("sdpa", "sdpa_per_image", "sdpa_bucketed"):
+        if name != fastest:
+            monkeypatch.setitem(BACKENDS, name, Slowed(BACKENDS[name], 0.25))
+    q, k, v, segment = random_qkv(S=2, L=32, seed=18)
+    auto = AutoBackend()
+    with caplog.at_level(logging.INFO, logger="navit_clip.model.attention"):
+        out = auto(*(t.clone().requires_grad_() for t in (q, k, v)), segment)
+    assert list(auto.chosen.values()) == [fastest]
+    assert f"attention auto: {fastest}" in caplog.text and "with backward" in caplog.text
+    torch.testing.assert_close(out, reference_attend(q, k, v, segment), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_measures_once_per_shape_class(monkeypatch):
+    monkeypatch.setenv(AUTO_MODE_ENV, "measure")
+    timed = []
+    speed = {"sdpa": 3.0, "sdpa_per_image": 1.0, "sdpa_bucketed": 2.0}
+
+    def fake_trial(backend, q, segment, grad):
+        timed.append((backend.name, tuple(q.shape), grad))
+        return speed[backend.name]
+
+    monkeypatch.setattr(attention, "trial_seconds", fake_trial)
+    auto = AutoBackend()
+    q, k, v, segment = random_qkv(S=2, L=32, seed=19)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    for _ in range(3):  # bound once, called by every block; bound again for the next batch
+        bound = auto.bind(segment)
+        bound(*leaves)
+        bound(*leaves)
+    assert sorted(timed) == sorted((name, tuple(q.shape), True) for name in speed)
+    assert list(auto.chosen.values()) == ["sdpa_per_image"]
+    with torch.no_grad():  # forward only is a shape class of its own
+        auto(q, k, v, segment)
+    q2, k2, v2, segment2 = random_qkv(S=3, L=32, seed=20)  # so is another batch shape
+    auto(q2, k2, v2, segment2)
+    assert len(timed) == 3 * len(speed) and len(auto.chosen) == 3
+    assert [grad for _, _, grad in timed[3:6]] == [False] * 3
+
+
+def test_auto_leaves_out_a_candidate_that_fails(monkeypatch):
+    monkeypatch.setenv(AUTO_MODE_ENV, "measure")
+
+    class Broken(PerImageSdpa):
+        def bind(self, segment):
+            raise ValueError("cannot run these shapes")
+
+    monkeypatch.setitem(BACKENDS, "sdpa_per_image", Broken())
+    auto = AutoBackend()
+    q, k, v, segment = random_qkv(seed=21)
+    torch.testing.assert_close(auto(q, k, v, segment), reference_attend(q, k, v, segment), atol=1e-5, rtol=1e-5)
+    assert list(auto.chosen.values())[0] in ("sdpa", "sdpa_bucketed")
+
+
+def test_auto_trial_inside_activation_checkpointing(monkeypatch):
+    """The first call of a checkpointed block runs the trial's own forward and backward while
+    the checkpoint's saved-tensor hooks are active: gradients still equal the reference's."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv(AUTO_MODE_ENV, "measure")
+    q, k, v, segment = random_qkv(seed=22)
+    w = torch.randn_like(q)
+    grads = []
+    for fn in (AutoBackend().bind(segment), lambda a, b, c: reference_attend(a, b, c, segment)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = checkpoint(lambda a, b, c: fn(a * 2, b, c), *leaves, use_reentrant=False)
+        grads.append(torch.autograd.grad((out * w).sum(), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_flash_without_package_or_gpu_is_a_clear_error():
@@ -169,7 +264,7 @@ def test_image_runs_follow_the_packer_layout():
     assert image_runs(torch.tensor([[0, 1, 0, -1]])) is None  # slot 0 split in two runs
 
 
-@pytest.mark.parametrize("name", ["sdpa_per_image", "sdpa", "auto"])
+@pytest.mark.parametrize("name", ["sdpa_per_image", "sdpa_bucketed", "sdpa", "auto"])
 def test_scattered_slots_match_reference(name):
     """Slot ids need not be contiguous: the per-image backend falls back to gather/scatter."""
     g = torch.Generator().manual_seed(11)
@@ -217,7 +312,7 @@ def test_compiled_flex_runs_whole_tiles(monkeypatch):
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, block_mask=block_mask)
 
-    monkeypatch.setattr(attention, "_compiled_flex", lambda: whole_tiles)
+    monkeypatch.setattr(attention_kernels, "_compiled_flex", lambda: whole_tiles)
     for L, tiled in ((40, 128), (130, 256), (256, 256)):
         q, k, v, segment = random_qkv(S=3, H=2, L=L, Dh=8, seed=L)
         segment[0, L // 2:] = -1  # a long stretch of packer padding
@@ -242,3 +337,22 @@ def test_per_image_handles_one_image_filling_the_sequence():
     segment = torch.zeros(2, q.shape[2], dtype=torch.long)
     torch.testing.assert_close(PerImageSdpa()(q, k, v, segment), reference_attend(q, k, v, segment),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_bucketed_makes_one_call_per_power_of_two_bucket(monkeypatch):
+    """Images of 3..17 tokens and padding runs: one SDPA call per length bucket (≤2, ≤4, ≤8, ≤16,
+    ≤32 here), each no wider than its bucket, and the result still the reference's."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, k, v, attn_mask=None):
+        calls.append(q.shape[2])
+        return sdpa(q, k, v, attn_mask=attn_mask)
+
+    segment = torch.tensor([[0] * 3 + [1] * 4 + [2] * 17 + [-1] * 8, [0] * 9 + [1] * 16 + [2] * 5 + [-1] * 2])
+    g = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(2, 2, 32, 8, generator=g) for _ in range(3))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    out = BACKENDS["sdpa_bucketed"](q, k, v, segment)
+    assert sorted(calls) == [2, 4, 8, 16, 17]  # lengths {2}, {3, 4}, {5, 8}, {9, 16}, {17}
+    torch.testing.assert_close(out, reference_attend(q, k, v, segment), atol=1e-5, rtol=1e-5)

@@ -53,6 +53,8 @@ def test_gradient_accumulation_steps_once_per_accumulated_batch(data):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * warmup_cosine(k, total_steps=2, warmup_steps=4)
                                                      for k in (1, 2)])
     assert rows[0]["loss"] != plain[0]["loss"]  # the loss is the mean over two micro-batches
+    # the training FLOPs of two micro-batches per step: those of two plain steps
+    assert [r["flops"] for r in rows] == pytest.approx([plain[1]["flops"], plain[3]["flops"]], rel=1e-12)
 
 
 def test_bf16_on_cpu_trains_resumes_and_saves_fp32_weights(data):
@@ -66,6 +68,9 @@ def test_bf16_on_cpu_trains_resumes_and_saves_fp32_weights(data):
     assert rows[0]["loss"] == pytest.approx(plain[0]["loss"], abs=0.05)
     assert rows[0]["loss"] != plain[0]["loss"]
     assert all(r["loss"] is not None and r["loss"] < 10 for r in rows)
+    # cumulative FLOPs depend on the batches only, and carry over the resume at step 2
+    flops = [r["flops"] for r in rows]
+    assert flops == [r["flops"] for r in plain] and all(b > a for a, b in zip([0.0, *flops], flops))
     weights, client = load_model_state(out / "checkpoints")
     assert client["step"] == 4
     assert all(t.dtype == torch.float32 for t in weights.values())

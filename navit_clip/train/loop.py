@@ -56,7 +56,7 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
     start_step, data_state = load_resume_point(engine, ckpt_dir, found_step, stream_id)
     continue_schedule(scheduler, start_step, cfg.train.steps)  # a new train.steps (train.extend)
     prepare_run_dir(cfg, out_dir, start_step)
-    rows = MetricsRows(cfg, out_dir, engine, scheduler, start_step)
+    rows = MetricsRows(cfg, out_dir, engine, scheduler, start_step, (data_state or {}).get("train_flops", 0.0))
     poison_step = fault_step(dist.rank())
     batches = agreed(lambda: ResumableBatches(make_loader(spec, rank=dist.rank(), world=dist.world_size(),
                                                           num_workers=cfg.data.num_workers), data_state),
@@ -79,7 +79,8 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
                 progress.set_postfix(loss=f"{stats.loss:.3f}", imgs=stats.images, scale=f"{stats.logit_scale:.1f}")
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps or stopping:
                 saving = time.perf_counter()
-                save_checkpoint(engine, ckpt_dir, done, {**batches.state_dict(), "stream": stream_id}, cfg, rows.stage)
+                save_checkpoint(engine, ckpt_dir, done, {**batches.state_dict(), "stream": stream_id,
+                                                         "train_flops": rows.train_flops}, cfg, rows.stage)
                 if dist.is_main():
                     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
                 rows.exclude(time.perf_counter() - saving)  # throughput counts training, not saving
@@ -95,29 +96,32 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
             "resumed_from": start_step, "final_loss": final_loss,
             "images_seen": totals.images, "skipped_samples": totals.skipped_samples,
             "truncated_captions": totals.truncated_captions,
-            "nonfinite_skipped": totals.nonfinite,
+            "nonfinite_skipped": totals.nonfinite, "flops": rows.train_flops,
             "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or ""))}
 
 
 class MetricsRows:
     """The row written every train.log_every steps (and at the end or a stop) to metrics.jsonl and
-    TensorBoard: this step's numbers, the run's totals, and throughput since the previous row."""
+    TensorBoard: this step's numbers, the run's totals (`flops` since the run began, carried over
+    a resume in the checkpoint), and throughput since the previous row."""
 
-    def __init__(self, cfg: Config, out_dir: Path, engine, scheduler, start_step: int) -> None:
+    def __init__(self, cfg: Config, out_dir: Path, engine, scheduler, start_step: int, train_flops: float) -> None:
         self.cfg, self.engine, self.scheduler = cfg, engine, scheduler
         self.stage = engine.zero_optimization_stage()
         self.jsonl = JsonlLogger(out_dir / "metrics.jsonl", enabled=dist.is_main())
         self.board = TensorBoardLogger(out_dir / "tensorboard", enabled=dist.is_main())
         self.sizes = tower_sizes(engine.module)
         self.last_logged, self.tick = start_step, time.perf_counter()
-        self.images, self.tokens, self.flops = 0, 0, 0.0
+        self.images, self.tokens, self.mfu_flops = 0, 0, 0.0
+        self.train_flops = float(train_flops)
 
     def count(self, stats: StepStats) -> None:
         """Add a step to the throughput window (real tokens: padding does not count)."""
         real_tokens = stats.tokens - stats.padded_tokens
         self.images += stats.images
         self.tokens += real_tokens
-        self.flops += model_flops(self.sizes, real_tokens, stats.text_tokens)
+        self.mfu_flops += model_flops(self.sizes, real_tokens, stats.text_tokens)
+        self.train_flops += stats.flops
 
     def exclude(self, seconds: float) -> None:
         """Leave time spent outside training (saving a checkpoint) out of the throughput."""
@@ -132,14 +136,14 @@ class MetricsRows:
                    padding=stats.padded_tokens / max(1, stats.tokens), skipped_samples=totals.skipped_samples,
                    skipped_by_reason=dict(totals.skipped_by_reason), truncated_captions=totals.truncated_captions,
                    nonfinite_skipped=totals.nonfinite, sec_per_step=elapsed / (done - self.last_logged),
-                   images_per_s=self.images / elapsed, tokens_per_s=self.tokens / elapsed)
+                   images_per_s=self.images / elapsed, tokens_per_s=self.tokens / elapsed, flops=self.train_flops)
         if self.cfg.train.peak_tflops > 0:
-            row["mfu"] = self.flops / (elapsed * world * self.cfg.train.peak_tflops * 1e12)
+            row["mfu"] = self.mfu_flops / (elapsed * world * self.cfg.train.peak_tflops * 1e12)
         if torch.cuda.is_available():  # this rank's high-water mark of tensor memory so far
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.jsonl.log(**row, param_checksums=checksums)
         self.board.log(done, row)
-        self.images, self.tokens, self.flops = 0, 0, 0.0
+        self.images, self.tokens, self.mfu_flops = 0, 0, 0.0
         self.last_logged = done
         return row
 

@@ -28,6 +28,7 @@ from navit_clip.data.loader import ResumableBatches
 from navit_clip.data.shards import SKIP_REASONS, skip_counts
 from navit_clip.loss import contrastive_loss
 from navit_clip.train.data_failure import agreed
+from navit_clip.train.flops import BACKWARD_PER_FORWARD, training_flops
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ FAULT_ENV = "NAVIT_CLIP_FAULT_NONFINITE"
 # A run whose loss stays non-finite this many steps (or micro-batches) in a row is broken, not unlucky.
 MAX_NONFINITE_IN_A_ROW = 20
 
-SUMMED = ("images", "skipped_samples", "padded_tokens", "tokens", "text_tokens", "nonfinite", "truncated_captions")
+SUMMED = ("images", "skipped_samples", "padded_tokens", "tokens", "text_tokens", "nonfinite", "truncated_captions",
+          "flops")
 
 
 class StopFlag(Protocol):
@@ -56,6 +58,7 @@ class Counts:
     nonfinite: int = 0  # micro-batches dropped for a non-finite loss
     truncated_captions: int = 0  # captions cut to model.text.context_length
     nonfinite_in_row: int = 0  # failures (dropped micro-batches, or skipped steps) since the last success
+    flops: float = 0.0  # training FLOPs of both towers (train/flops.py); a dropped micro-batch's forward only
 
     def add(self, other: Counts) -> None:
         """Add other's counts to these: the one place where skip counts are merged."""
@@ -95,18 +98,19 @@ def fault_step(rank: int) -> int | None:
     return step if fault_rank == rank else None
 
 
-def reduce_counts(batch: PackedBatch, loss: torch.Tensor, stop: StopFlag,
-                  device: torch.device) -> tuple[Counts, bool, int]:
-    """One micro-batch's counts summed over all ranks in a single all-reduce -> (counts, whether
-    any rank asked to stop, how many ranks saw a non-finite loss)."""
+def reduce_counts(batch: PackedBatch, loss: torch.Tensor, stop: StopFlag, device: torch.device,
+                  flops: float = 0.0) -> tuple[Counts, bool, int]:
+    """One micro-batch's counts (and its training `flops` on this rank) summed over all ranks in a
+    single all-reduce -> (counts, whether any rank asked to stop, how many ranks saw a non-finite loss)."""
     slots = batch.num_sequences * batch.seq_len
     local = torch.tensor([batch.num_images, batch.skipped_samples, int((batch.segment < 0).sum()), slots,
                           batch.num_images * batch.text.shape[-1], float(stop.requested),
-                          float(not torch.isfinite(loss)), batch.truncated_captions, *skip_counts(batch.skipped_by_reason)],
+                          float(not torch.isfinite(loss)), batch.truncated_captions, flops, *skip_counts(batch.skipped_by_reason)],
                          dtype=torch.float64, device=device)  # nccl: on the GPU
-    images, skipped, padded, tokens, text_tokens, stopping, bad, truncated, *reasons = dist.all_reduce_sum(local).tolist()
+    images, skipped, padded, tokens, text_tokens, stopping, bad, truncated, flops, *reasons = \
+        dist.all_reduce_sum(local).tolist()
     counts = Counts(images=int(images), skipped_samples=int(skipped), padded_tokens=int(padded), tokens=int(tokens),
-                    text_tokens=int(text_tokens), nonfinite=int(bad > 0), truncated_captions=int(truncated),
+                    text_tokens=int(text_tokens), nonfinite=int(bad > 0), truncated_captions=int(truncated), flops=flops,
                     skipped_by_reason={r: int(n) for r, n in zip(SKIP_REASONS, reasons) if n})
     return counts, bool(stopping), int(bad)
 
@@ -125,7 +129,9 @@ def train_step(engine, batches: ResumableBatches, cfg: Config, stop: StopFlag, s
                                 max_logit_scale=math.exp(cfg.model.max_logit_scale))
         if poison_step == step + 1 and not stats.nonfinite:
             loss = loss * math.nan
-        counts, stopping, bad_ranks = reduce_counts(batch, loss, stop, engine.device)
+        counts, stopping, bad_ranks = reduce_counts(batch, loss, stop, engine.device, training_flops(cfg.model, batch))
+        if bad_ranks:  # dropped before its backward
+            counts.flops /= 1.0 + BACKWARD_PER_FORWARD
         stats.add(counts)
         stats.stop = stats.stop or stopping
         stats.logit_scale = out["logit_scale"].item()
