@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from navit_clip.batch import PackedBatch
 from navit_clip.data.text import CLIP_BPE, cached_tokenizer
@@ -32,6 +33,9 @@ class Towers:
     open_sequences: int = 8
     cfg: object | None = None  # the training Config, for a training run
     tokenizer: str = CLIP_BPE  # model.text.tokenizer: clip-bpe or the SentencePiece file kept with the model
+    # A model that takes whole images instead of packed batches (e.g. a fixed-square ViT):
+    # (images, token budget) -> (normalized [n, D], image tokens encoded).
+    encode_images: Callable[[list[Image.Image], int], tuple[torch.Tensor, int]] | None = None
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Captions -> token ids [n, context_length] on the towers' device, as in training."""
