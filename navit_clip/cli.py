@@ -1,4 +1,4 @@
-"""`navit-clip train | eval | export | make-shards | pack-shards | train-tokenizer | demo`."""
+"""`navit-clip train | eval | export | make-shards | pack-shards | train-tokenizer | demo | compare`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from navit_clip.compare.command import add_compare_parser
 from navit_clip.config import CONFIG_DIR, TOKENIZER_MODELS, load_config
 from navit_clip.errors import InputError, UserError
 
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/default")
     p.add_argument("overrides", nargs="*", help="key.sub=value for training")
     p.set_defaults(handler=demo_command)
+    add_compare_parser(sub)
     return parser
 
 
