@@ -137,3 +137,58 @@ def test_report_means_and_deviations_over_seeds(tmp_path):
     assert len(rows) == len(evals) and {r["recipe"] for r in rows} == {"navit", "open_clip"}
     for key in ("compute_plot", "inference_plot"):
         assert written[key].read_bytes()[:4] == b"\x89PNG"
+
+
+# --- the command, end to end -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory) -> dict:
+    from navit_clip.data.digits import make_digit_shards
+
+    return make_digit_shards(tmp_path_factory.mktemp("digits"), train_copies=1, eval_per_class=5,
+                             max_train_digits=300, shards_train=2, shards_eval=1)
+
+
+def _state(out: Path) -> dict:
+    path = out / "state.json"
+    return json.loads(path.read_text())["done"] if path.exists() else {}
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_resumes_without_retraining(small_digits, tmp_path):
+    """Killed after its first run is recorded, a rerun of the same command trains nothing again
+    (the run's log is untouched) and completes the table, CSV and plots, with the open_clip_train
+    row when open_clip_train is installed."""
+    out = tmp_path / "compare"
+    command = [sys.executable, "-m", "navit_clip", "compare", "--shards", small_digits["train_shards"],
+               "--eval-shards", small_digits["eval_shards"], "--steps", "4", "--checkpoints", "2", "--seeds", "0",
+               "--recipes", "navit,open_clip", "--budgets", "32,64", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 900
+    while "navit-seed0" not in _state(out) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert "navit-seed0" in _state(out), "the first run was not recorded"
+    log = out / "runs" / "navit-seed0" / "train.log"
+    before = log.stat().st_mtime_ns
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert log.stat().st_mtime_ns == before  # not trained again
+    done = _state(out)
+    with_openclip = openclip_row.available() is None
+    recipes = ["navit", "open_clip"] if with_openclip else ["navit"]
+    expected = plan(recipes, [0], steps=4, checkpoints=2, train_budget=64, budgets=[32, 64])
+    assert set(done) == {job.id for job in expected}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["recipe"], int(r["step"]), int(r["budget"])) for r in rows} == {
+        (j.recipe, j.step, j.budget) for j in expected if j.kind == "eval"}
+    assert all(0.0 <= float(r["acc1"]) <= 1.0 for r in rows)
+    table = (out / "table.md").read_text()
+    assert "| navit |" in table and ("| open_clip |" in table) == with_openclip
+    if not with_openclip:
+        assert "open_clip row skipped" in table
+    for png in ("accuracy_vs_compute.png", "accuracy_vs_inference_tokens.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
