@@ -13,6 +13,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from navit_clip.compare.schedule import RECIPES
+
 COLUMNS = ("recipe", "seed", "step", "fraction", "budget", "tokens_per_image", "acc1", "acc5", "mean_per_class_recall",
            "train_tokens", "train_flops")
 
@@ -88,7 +90,8 @@ def write_report(out: str | Path, evals: list[dict], trainings: list[dict], note
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    evals = sorted(evals, key=lambda e: (e["recipe"], e["seed"], e["step"], e["budget"]))
+    order = {recipe: i for i, recipe in enumerate(RECIPES)}
+    evals = sorted(evals, key=lambda e: (order.get(e["recipe"], len(order)), e["seed"], e["step"], e["budget"]))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
