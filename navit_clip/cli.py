@@ -1,4 +1,4 @@
-"""`navit-clip train | eval | export | make-shards | pack-shards | train-tokenizer | demo`."""
+"""`navit-clip train | eval | export | make-shards | pack-shards | train-tokenizer | demo | compare`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
+from navit_clip.compare.command import add_compare_parser
 from navit_clip.config import CONFIG_DIR, TOKENIZER_MODELS, load_config
 from navit_clip.data.bundled import BUNDLED_DATASETS
+from navit_clip.demo import demo_command
 from navit_clip.errors import InputError, UserError
 
 # Each command imports what it needs when it runs: only `train` (and `demo`) build a DeepSpeed
@@ -162,26 +163,6 @@ def export_command(run: str, tag: str | None = None, out: str | None = None, wit
     return {"export": str(path), "step": step}
 
 
-def demo_command(config_path: str, data: str, out: str, overrides: Sequence[str] = ()) -> dict:
-    """The bundled default, end to end: dataset, training under DeepSpeed, zero-shot eval, export."""
-    started = time.perf_counter()
-    data_dir = Path(data)
-    if not (data_dir / "dataset.json").exists():
-        make_shards_command(str(data_dir), train_copies=2, seed=0)
-    info = json.loads((data_dir / "dataset.json").read_text())
-    train_command(config_path, [f"data.train_shards={info['train_shards']}", f"data.eval_shards={info['eval_shards']}",
-                                f"train.out_dir={out}", *overrides])
-    result = eval_command(out)
-    export = export_command(out, overwrite=True)  # the run's own export folder: replaced by the new one
-    print("\nnavit-clip demo finished in {:.0f} s".format(time.perf_counter() - started))
-    print(f"  dataset      {data_dir}")
-    print(f"  run          {out}  (config.json, metrics.jsonl, checkpoints/)")
-    print(f"  zero-shot    acc1 {result['acc1']:.1%}, acc5 {result['acc5']:.1%} (chance {result['chance_acc1']:.0%})"
-          f"  -> {out}/eval/zeroshot.json")
-    print(f"  encoder      {export['export']}")
-    return {"eval": result, **export}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command table: each sub-command's options are the keyword arguments of its handler."""
     parser = argparse.ArgumentParser(prog="navit-clip", description=__doc__)
@@ -264,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/default")
     p.add_argument("overrides", nargs="*", help="key.sub=value for training")
     p.set_defaults(handler=demo_command)
+    add_compare_parser(sub)
     return parser
 
 

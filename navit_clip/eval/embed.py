@@ -5,6 +5,7 @@ with each image's label and captions."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ def check_budget(towers: Towers, budget: int | None) -> int:
 def embed_images(towers: Towers, dataset: EvalDataset, budget: int | None = None, *, progress: bool = True,
                  desc: str = "images") -> ImageEmbeddings:
     budget = check_budget(towers, budget)
+    if towers.encode_images is not None:
+        return _embed_whole_images(towers, dataset, budget, progress, desc)
     policy = inference_policy(ResolutionPolicy(patch_size=towers.patch_size, max_tokens=budget, max_side=towers.max_side,
                                                mode=towers.resolution_mode, square_fit=towers.square_fit))
     packer = StreamingPacker(seq_len=towers.seq_len, max_images=towers.max_images,
@@ -93,3 +96,32 @@ def embed_images(towers: Towers, dataset: EvalDataset, budget: int | None = None
     emb = torch.stack([rows[i] for i in range(len(keys))])
     return ImageEmbeddings(emb=emb, keys=keys, labels=labels, captions=captions, budget=budget, tokens=tokens,
                            encode_seconds=seconds, padding=packer.padding_fraction, stats=stats)
+
+
+WHOLE_IMAGE_BATCH = 64
+
+
+def _embed_whole_images(towers: Towers, dataset: EvalDataset, budget: int, progress: bool, desc: str) -> ImageEmbeddings:
+    """Embeddings of a model that takes whole images (no packing, hence no padding)."""
+    stats = ReadStats()
+    keys, labels, captions, parts = [], [], [], []
+    tokens, seconds = 0, 0.0
+    bar = tqdm(total=dataset.size, desc=f"{desc} @{budget} tokens", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    items = iter(dataset.read(stats))
+    while chunk := list(itertools.islice(items, WHOLE_IMAGE_BATCH)):
+        for item in chunk:
+            keys.append(item.key)
+            labels.append(item.label)
+            captions.append(item.captions)
+        start = time.perf_counter()
+        emb, used = towers.encode_images([item.image for item in chunk], budget)
+        seconds += time.perf_counter() - start
+        tokens += used
+        parts.append(emb.float().cpu())
+        bar.update(len(chunk))
+    bar.close()
+    if not parts:
+        raise InputError(f"no readable image in {dataset.name} (skipped: {dict(stats.skipped)})")
+    return ImageEmbeddings(emb=torch.cat(parts), keys=keys, labels=labels, captions=captions, budget=budget,
+                           tokens=tokens, encode_seconds=seconds, padding=0.0, stats=stats)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from navit_clip.batch import PackedBatch
 from navit_clip.data.text import CLIP_BPE, cached_tokenizer
@@ -34,6 +35,9 @@ class Towers:
     tokenizer: str = CLIP_BPE  # model.text.tokenizer: clip-bpe or the SentencePiece file kept with the model
     resolution_mode: str = "native"  # data.resolution.mode of training; square models see squares (inference_policy)
     square_fit: str = "crop"  # data.resolution.square_fit
+    # A model that takes whole images instead of packed batches (e.g. a fixed-square ViT):
+    # (images, token budget) -> (normalized [n, D], image tokens encoded).
+    encode_images: Callable[[list[Image.Image], int], tuple[torch.Tensor, int]] | None = None
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Captions -> token ids [n, context_length] on the towers' device, as in training."""

@@ -1,0 +1,32 @@
+"""The `navit-clip compare` sub-command: its options and its handler (the work is in compare/run.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def compare_command(shards: str | None, eval_shards: str | None, steps: int, seeds: str, recipes: str, out: str,
+                    budgets: str | None = None, checkpoints: int = 4) -> dict:
+    """Train the recipes on the same shards to the same budget and write the comparison."""
+    from navit_clip.compare.run import compare, parse_settings
+
+    result = compare(parse_settings(shards, eval_shards, steps, seeds, recipes, out, budgets, checkpoints))
+    print(f"compare: {result['ran']} of {result['jobs']} jobs run now, the rest were recorded as finished")
+    for what, path in result["written"].items():
+        print(f"  {what:<14} -> {path}")
+    return result
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train NaViT, square-ViT and open_clip_train recipes on the same shards "
+                                       "at equal compute; zero-shot table, CSV and plots")
+    p.add_argument("--shards", default=None, help="training shards (default: data.train_shards of configs/compare/navit.yaml)")
+    p.add_argument("--eval-shards", default=None, help="zero-shot shards with dataset.json (default: data.eval_shards)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps of every run (equal tokens per step)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per recipe and seed")
+    p.add_argument("--recipes", default="navit,square,open_clip", help="comma-separated: navit, square, open_clip")
+    p.add_argument("--out", default="runs/compare", help="runs, state.json, table.md, results.csv and plots")
+    p.add_argument("--budgets", default=None, help="inference tokens per image for the final models "
+                                                   "(default: 1/4x to 2x the training budget)")
+    p.add_argument("--checkpoints", type=int, default=4, help="evaluations during training, at equal fractions")
+    p.set_defaults(handler=compare_command)

@@ -1,0 +1,104 @@
+"""The comparison written out: results.csv (one row per evaluation), table.md (zero-shot acc1 as
+mean ± standard deviation over seeds, during training and at each inference budget) and two plots:
+accuracy against training compute (the mean, with the seeds' range shaded) and accuracy of the
+final models against inference tokens per image.
+
+Training compute is the cumulative FLOPs the runs log, when every run logs them; otherwise the
+image tokens (packed positions or square patches) seen so far, the same per step for every recipe."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from navit_clip.compare.schedule import RECIPES
+
+COLUMNS = ("recipe", "seed", "step", "fraction", "budget", "tokens_per_image", "acc1", "acc5", "mean_per_class_recall",
+           "train_tokens", "train_flops")
+
+
+def spread(values: list[float]) -> tuple[float, float, float, float]:
+    """(mean, standard deviation, min, max) over seeds; one seed has no deviation."""
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, min(values), max(values))
+
+
+def compute_axis(evals: list[dict]) -> str:
+    return "train_flops" if evals and all(e.get("train_flops") for e in evals) else "train_tokens"
+
+
+def during_training(evals: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """recipe -> checkpoint step -> evaluations over seeds, at the training token budget."""
+    train_budget = _train_budget(evals)
+    table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for e in evals:
+        if e["budget"] == train_budget:
+            table[e["recipe"]][e["step"]].append(e)
+    return table
+
+
+def at_inference(evals: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """recipe -> inference budget -> evaluations of the final models over seeds."""
+    final = max((e["step"] for e in evals), default=0)
+    table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for e in evals:
+        if e["step"] == final:
+            table[e["recipe"]][e["budget"]].append(e)
+    return table
+
+
+def _train_budget(evals: list[dict]) -> int:
+    """The budget every checkpoint was evaluated at (the one present at more than one step)."""
+    steps_by_budget: dict[int, set] = defaultdict(set)
+    for e in evals:
+        steps_by_budget[e["budget"]].add(e["step"])
+    return max(steps_by_budget, key=lambda b: (len(steps_by_budget[b]), -b), default=0)
+
+
+def _cell(rows: list[dict]) -> str:
+    mean, std, _, _ = spread([r["acc1"] for r in rows])
+    return f"{mean:.1%} ± {std:.1%} (n={len(rows)})"
+
+
+def markdown(evals: list[dict], trainings: list[dict], notes: list[str]) -> str:
+    lines = ["# Zero-shot acc1 (mean ± std over seeds)", ""]
+    lines += [f"_{note}_" for note in notes] + ([""] if notes else [])
+    training = during_training(evals)
+    steps = sorted({s for by_step in training.values() for s in by_step})
+    lines += ["## During training (at the training token budget)", "",
+              "| recipe | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    lines += [f"| {recipe} | " + " | ".join(_cell(by_step[s]) if s in by_step else "n/a" for s in steps) + " |"
+              for recipe, by_step in training.items()]
+    inference = at_inference(evals)
+    budgets = sorted({b for by_budget in inference.values() for b in by_budget})
+    lines += ["", "## Final models at other inference budgets (max tokens per image)", "",
+              "| recipe | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines += [f"| {recipe} | " + " | ".join(_cell(by_b[b]) if b in by_b else "n/a" for b in budgets) + " |"
+              for recipe, by_b in inference.items()]
+    seconds: dict[str, list[float]] = defaultdict(list)
+    for t in trainings:
+        seconds[t["recipe"]].append(t["seconds"])
+    lines += ["", "## Training time per run (this machine)", "", "| recipe | seconds (mean) | runs |", "|---|---|---|"]
+    lines += [f"| {r} | {statistics.fmean(s):.0f} | {len(s)} |" for r, s in seconds.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, evals: list[dict], trainings: list[dict], notes: list[str]) -> dict[str, Path]:
+    """table.md, results.csv and the two PNGs in `out`; -> their paths."""
+    from navit_clip.compare.plots import plot_compute, plot_inference
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    order = {recipe: i for i, recipe in enumerate(RECIPES)}
+    evals = sorted(evals, key=lambda e: (order.get(e["recipe"], len(order)), e["seed"], e["step"], e["budget"]))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(evals)
+    (out / "table.md").write_text(markdown(evals, trainings, notes))
+    written = {"table": out / "table.md", "csv": out / "results.csv"}
+    if evals:
+        written["compute_plot"] = plot_compute(evals, out / "accuracy_vs_compute.png")
+        written["inference_plot"] = plot_inference(evals, out / "accuracy_vs_inference_tokens.png")
+    return written

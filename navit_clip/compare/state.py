@@ -1,0 +1,46 @@
+"""OUT/state.json: the settings a comparison was started with and the result of each finished job,
+written after every job (atomically), so that an interrupted comparison resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from navit_clip.compare.schedule import Job
+from navit_clip.errors import InputError
+
+STATE_FILE = "state.json"
+FIXED = ("shards", "eval_shards", "steps", "checkpoints")  # settings a rerun in the same OUT must keep
+
+
+class CompareState:
+    def __init__(self, out: str | Path, settings: dict) -> None:
+        self.path = Path(out) / STATE_FILE
+        self.settings = settings
+        self.done: dict[str, dict] = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            before = saved["settings"]
+            changed = [k for k in FIXED if before.get(k) != settings.get(k)]
+            if changed:
+                was = ", ".join(f"{k}={before.get(k)!r}" for k in changed)
+                raise InputError(f"{self.path.parent} holds a comparison made with {was}; "
+                                 "use another --out or the same settings")
+            self.done = saved["done"]
+
+    def finished(self, job: Job) -> bool:
+        return job.id in self.done
+
+    def record(self, job: Job, result: dict) -> None:
+        self.done[job.id] = result
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "done": self.done}, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    def evaluations(self) -> list[dict]:
+        return [r for r in self.done.values() if r.get("kind") == "eval"]
+
+    def trainings(self) -> list[dict]:
+        return [r for r in self.done.values() if r.get("kind") == "train"]
