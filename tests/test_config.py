@@ -382,4 +382,4 @@ def test_reference_attention_is_not_a_user_choice():
     assert "reference" not in CHOICE_FIELDS["model.vision.attention"]
     with pytest.raises(ConfigError, match="model.vision.attention"):
         load_config(None, ["model.vision.attention=reference"])
-    assert get_attend("reference").attend is not None and callable(reference_attend)
+    assert get_attend("reference").fn is reference_attend
