@@ -13,12 +13,14 @@ import random
 
 import pytest
 
-from navit_clip.data.elastic import ElasticResumeError, plan_resplit, rank_stream_state
+from navit_clip.data.elastic import ElasticResumeError, packer_refs, plan_resplit, rank_stream_state
 from navit_clip.data.loader import ResumableBatches, make_loader
+from navit_clip.data.prepacked import write_packed_shards
 
 from conftest import stream_from_config
 from test_loader import BASE
 
+EMPTY_PACKER = {"buffer": [], "open": [], "closed": []}
 SIZES = {0: 5, 1: 7, 2: 3, 3: 6, 4: 4, 5: 8, 6: 2}  # samples per shard
 
 
@@ -91,8 +93,16 @@ def test_a_checkpoint_without_every_position_is_refused():
 # --------------------------------------------------------------------------- real streams
 
 
-def spec(tiny_shards):
-    return stream_from_config(tiny_shards.spec, [*BASE, "data.packing.buffer_size=4"], loop=False, shuffle_buffer=3)
+def spec(shards: str):
+    return stream_from_config(shards, [*BASE, "data.packing.buffer_size=4"], loop=False, shuffle_buffer=3)
+
+
+@pytest.fixture(scope="module")
+def packed_shards(tiny_shards, tmp_path_factory) -> str:
+    """The tiny samples pre-packed, one sequence per sample of a shard, 2 sequences a shard."""
+    directory = tmp_path_factory.mktemp("packed")
+    loader = make_loader(stream_from_config(tiny_shards.spec, BASE, loop=False, shuffle_buffer=0))
+    return ",".join(write_packed_shards(loader, str(directory / "p-%03d.tar"), sequences_per_shard=2))
 
 
 def keys(batch) -> list[str]:
@@ -126,13 +136,23 @@ def run_layout(spec, data: dict | None, world: int, workers: int, take: int | No
     [(2, 0, 1), (1, 0, 1), (2, 1, None)],  # resumed again in the middle of an elastic pass
 ])
 def test_resumed_on_another_layout_the_epoch_is_read_exactly_once(tiny_shards, layouts):
-    stream = spec(tiny_shards)
+    check_layouts(spec(tiny_shards.spec), layouts)
+
+
+@pytest.mark.parametrize("layouts", [[(2, 0, 1), (1, 2, None)], [(1, 0, 2), (3, 0, 1), (2, 0, None)]])
+def test_prepacked_stream_resumed_on_another_layout(packed_shards, layouts):
+    check_layouts(spec(packed_shards), layouts)
+
+
+def check_layouts(stream, layouts: list[tuple[int, int, int | None]]) -> None:
+    """Read one epoch through `layouts` ((ranks, workers, batches each rank reads or None for the
+    rest), each resumed from the previous one's checkpoint): every sample exactly once."""
     epoch, _, _ = run_layout(stream, None, 2, 0, None)  # the uninterrupted epoch's samples
     read, data, requeued = [], None, []
     for world, workers, take in layouts:
         inflight = 0 if data is None else sum(
-            len(s["items"]["pool"]) + len(s["packer"]["buffer"]) + sum(map(len, s["packer"]["open"]))
-            + sum(map(len, s["packer"]["closed"])) for rank in data["ranks"] for s in rank.values())
+            len(s["items"]["pool"]) + sum(1 for _ in packer_refs(s.get("packer", EMPTY_PACKER)))
+            for rank in data["ranks"] for s in rank.values())
         got, data, reports = run_layout(stream, data, world, workers, take)
         read += got
         if reports[0] is not None:
