@@ -89,6 +89,8 @@ def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
     assert report["from"] == f"{before}x1" and report["to"] == f"{after}x1"
     assert report["samples_requeued"] == in_flight(client["data"]["ranks"]) > 0
     assert report["samples_replayed"] == report["samples_skipped"] == 0
+    print(f"{before}->{after} ranks: {report}; loss before/after resume: {[r['loss'] for r in rows]} "
+          f"(uninterrupted: {[r['loss'] for r in reference]})")
     _, later = load_model_state(resumed / "checkpoints", f"step{STEPS}")
     assert later["data"]["elastic_resume"]["samples_requeued"] == report["samples_requeued"]
     assert len(later["data"]["ranks"]) == after

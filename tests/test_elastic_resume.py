@@ -144,15 +144,20 @@ def test_prepacked_stream_resumed_on_another_layout(packed_shards, layouts):
     check_layouts(spec(packed_shards), layouts)
 
 
+def in_flight(state: dict) -> int:
+    """Samples a saved reader held in its shuffle pool and packer (or was dealt and had not started on)."""
+    if state.get("elastic"):
+        return len(state["pool"])
+    return len(state["items"]["pool"]) + sum(1 for _ in packer_refs(state.get("packer", EMPTY_PACKER)))
+
+
 def check_layouts(stream, layouts: list[tuple[int, int, int | None]]) -> None:
     """Read one epoch through `layouts` ((ranks, workers, batches each rank reads or None for the
     rest), each resumed from the previous one's checkpoint): every sample exactly once."""
     epoch, _, _ = run_layout(stream, None, 2, 0, None)  # the uninterrupted epoch's samples
     read, data, requeued = [], None, []
     for world, workers, take in layouts:
-        inflight = 0 if data is None else sum(
-            len(s["items"]["pool"]) + sum(1 for _ in packer_refs(s.get("packer", EMPTY_PACKER)))
-            for rank in data["ranks"] for s in rank.values())
+        inflight = 0 if data is None else sum(in_flight(s) for rank in data["ranks"] for s in rank.values())
         got, data, reports = run_layout(stream, data, world, workers, take)
         read += got
         if reports[0] is not None:

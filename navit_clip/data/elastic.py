@@ -71,6 +71,8 @@ def split_pieces(piece: dict) -> list[dict]:
 
 def reader_remainder(state: dict) -> tuple[list[list[dict]], list[Ref]]:
     """(each source's unread pieces, the in-flight samples) of one saved reader position."""
+    if state.get("elastic"):  # dealt by an elastic resume, not yet started on
+        return [list(pieces) for pieces in state["pieces"]], [(int(r[0]), int(r[1])) for r in state["pool"]]
     items = state["items"]
     if state["kind"] == "packed":
         orders, splits = [state["order"]], [state["split"]]
