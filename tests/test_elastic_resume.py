@@ -168,3 +168,18 @@ def check_layouts(stream, layouts: list[tuple[int, int, int | None]]) -> None:
     assert sorted(read) == sorted(epoch), "samples lost or read twice"
     assert len(read) == len(set(read)) == len(epoch)
     assert any(requeued), "the cuts should fall where buffers hold samples"
+
+
+def test_a_partitioned_optimizer_on_another_world_size_is_refused(tmp_path):
+    """ZeRO >= 1 keeps one optimizer partition per rank: this 1-rank process may not load a
+    2-rank checkpoint's; ZeRO 0 (replicated) may."""
+    from navit_clip.errors import CheckpointError
+    from navit_clip.train.elastic import check_model_layout
+    from navit_clip.train.manifest import write_manifest
+
+    tag_dir = tmp_path / "step3"
+    tag_dir.mkdir()
+    write_manifest(tag_dir, 0, 2, 3, [])
+    check_model_layout(tag_dir, stage=0)
+    with pytest.raises(CheckpointError, match="written by 2 ranks under ZeRO stage 1"):
+        check_model_layout(tag_dir, stage=1)
