@@ -97,6 +97,15 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's (picklable) value, in rank order, on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def first_failing_rank(failed: bool) -> int | None:
     """The lowest rank on which `failed` is true, the same on every rank (None: none failed).
     One all-reduce of a flag per rank: cheap enough to run before every step."""

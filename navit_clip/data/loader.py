@@ -182,6 +182,9 @@ class ResumableBatches:
         workers = max(1, loader.num_workers)
         saved = {int(w): s for w, s in (state.get("workers") or {}).items()}
         self.workers: dict[int, dict | None] = dict(saved)
+        if state.get("restart"):  # an elastic resume of a resampled stream: the new readers start afresh
+            self._iter, self.batches, self.workers = iter(loader), skip, {}
+            return
         seekable = all(saved.get(w) is not None and saved[w].get("num_workers") == workers
                        for w in range(min(skip, workers)))
         if skip and seekable:

@@ -21,7 +21,8 @@ from navit_clip.data.exact_fill import make_packer
 from navit_clip.data.packer_state import packer_state, restore_packer
 from navit_clip.data.packing import PatchedImage
 from navit_clip.data.patches import to_patched
-from navit_clip.data.reader import EpochItems, SplitReader, fetch, generator_from
+from navit_clip.data.elastic import packer_refs
+from navit_clip.data.reader import EpochItems, PieceReader, SplitReader, fetch, generator_from
 from navit_clip.data.shards import BadSample, ReadStats, Sample, decode_sample, split_shards
 from navit_clip.data.text import cached_tokenizer
 
@@ -54,6 +55,7 @@ class OnlineWorker:
         self.orders: list[list[int]] = []
         self.splits: list[list[int]] = []  # each source's [stride, offset]
         self.items: EpochItems | Iterator | None = None
+        self.elastic_pass = False  # reading the pieces an elastic resume dealt to this reader
 
     # ------------------------------------------------------------------ samples
 
@@ -89,11 +91,13 @@ class OnlineWorker:
 
     def _items(self, rng: np.random.Generator, state: dict | None = None) -> EpochItems:
         stream = self.stream
-        readers = []
-        for number, (order, (stride, offset)) in enumerate(zip(self.orders, self.splits)):
-            position = state["readers"][number] if state else None
-            readers.append(SplitReader(stream.shards, order, stride, offset, self.stats, self.decode,
-                                       (BadSample,), "sample", position))
+        if self.elastic_pass:
+            readers = [PieceReader(stream.shards, pieces, self.stats, self.decode, (BadSample,), "sample")
+                       for pieces in state["readers"]]
+        else:
+            readers = [SplitReader(stream.shards, order, stride, offset, self.stats, self.decode, (BadSample,),
+                                   "sample", state["readers"][number] if state else None)
+                       for number, (order, (stride, offset)) in enumerate(zip(self.orders, self.splits))]
         if state is None:
             return EpochItems(readers, stream.weights, self.spec.shuffle_buffer, rng)
         pool_refs = [tuple(ref) for ref in state["pool"]]
@@ -110,7 +114,7 @@ class OnlineWorker:
         epochs = itertools.count(self.epoch) if spec.loop else range(self.epoch, 1)
         for epoch in epochs:
             if self.items is None or self.epoch != epoch:
-                self.epoch, self.in_epoch, self.serial = epoch, 0, 0
+                self.epoch, self.in_epoch, self.serial, self.elastic_pass = epoch, 0, 0, False
                 rng = np.random.default_rng([spec.seed, self.stream.rank, self.worker, epoch])
                 if spec.sources.resampled:
                     self.items = ((None, sample) for sample in self.stream.resampled_samples(rng, self.stats))
@@ -123,7 +127,7 @@ class OnlineWorker:
                 yield self._finish(batch)
                 if quota is not None and self.in_epoch >= quota:
                     break
-            if self.stats.decoded == 0:
+            if self.stats.decoded == 0 and not self.elastic_pass:  # a share of an epoch's rest may be empty
                 raise self.stats.no_usable("sample", self.stream.reader_shards(self.worker, self.num_workers))
             self.items = None
 
@@ -154,15 +158,20 @@ class OnlineWorker:
         return {"kind": "raw", "worker": self.worker, "num_workers": self.num_workers, "epoch": self.epoch,
                 "yielded": self.yielded, "in_epoch": self.in_epoch, "serial": self.serial, "orders": self.orders,
                 "splits": self.splits, "items": self.items.state(), "packer": packer, "stats": read_stats_state(self.stats),
-                "reported": dict(self.reported), "truncated": dict(self.truncated)}
+                "reported": dict(self.reported), "truncated": dict(self.truncated),
+                **({"pass": "elastic"} if self.elastic_pass else {})}
 
     def restore(self, state: dict) -> None:
         """Seek to a saved position: shards skipped, read samples passed over, buffers re-read."""
+        if state.get("elastic"):
+            self.start_elastic(state)
+            return
         items = state["items"]
+        self.elastic_pass = state.get("pass") == "elastic"
         log.info("restoring data stream: rank %d worker %d: epoch %d, shards at %s, re-reading %d pooled and "
                  "%d packer samples", self.stream.rank, self.worker, state["epoch"],
                  [f"{p[0] + 1}/{len(o)} skipping {p[1]}" for p, o in zip(items["readers"], state["orders"])],
-                 len(items["pool"]), sum(1 for _ in _refs(state["packer"])))
+                 len(items["pool"]), sum(1 for _ in packer_refs(state["packer"])))
         self.epoch, self.in_epoch, self.serial = state["epoch"], state["in_epoch"], state["serial"]
         self.yielded = state["yielded"]
         self.orders = [list(order) for order in state["orders"]]
@@ -174,15 +183,21 @@ class OnlineWorker:
             reader.stats = self.stats
         self.reported, self.truncated = Counter(state["reported"]), Counter(state["truncated"])
 
+    def start_elastic(self, state: dict) -> None:
+        """Start on the share of an epoch's rest an elastic resume dealt to this reader
+        (data/elastic.py): its pieces, and its in-flight samples in the shuffle pool."""
+        log.info("elastic resume of the data stream: rank %d worker %d reads %d pieces of epoch %d and %d requeued "
+                 "samples", self.stream.rank, self.worker, sum(len(p) for p in state["pieces"]), state["epoch"],
+                 len(state["pool"]))
+        self.epoch, self.in_epoch, self.serial, self.yielded = state["epoch"], 0, 0, state["yielded"]
+        self.orders, self.splits, self.elastic_pass = [], [], True
+        rng = np.random.default_rng([self.spec.seed, self.stream.rank, self.worker, self.epoch, self.stream.world])
+        self.items = self._items(rng, {"readers": state["pieces"], "pool": state["pool"], "active": None,
+                                       "draining": False})
+
     def _remake(self, origins: list[dict]) -> list[PatchedImage]:
         """The packer's images made again from their references, in the order given."""
         refs = [(o["shard"], o["member"]) for o in origins]
         found = fetch(self.stream.shards, refs, self.decode)
         return [self.prepare(ref, found[ref], o["epoch"], o["serial"], o["step"]) for ref, o in zip(refs, origins)]
 
-
-def _refs(packer: dict) -> Iterator[dict]:
-    yield from packer["buffer"]
-    for group in ("open", "closed"):
-        for seq in packer[group]:
-            yield from seq

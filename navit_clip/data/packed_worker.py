@@ -16,7 +16,7 @@ import numpy as np
 from navit_clip.batch import PackedBatch
 from navit_clip.data.online import read_stats_from, read_stats_state
 from navit_clip.data.prepacked import BadSequence, decode_sequence, group, sequences_to_batch
-from navit_clip.data.reader import EpochItems, SplitReader, fetch, generator_from
+from navit_clip.data.reader import EpochItems, PieceReader, SplitReader, fetch, generator_from
 from navit_clip.data.shards import ReadStats, ShardError, split_shards
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class PackedWorker:
         self.order: list[int] = []
         self.split = [1, 0]  # [stride, offset]
         self.items: EpochItems | None = None
+        self.elastic_pass = False  # reading the pieces an elastic resume dealt to this reader
 
     def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         spec = self.spec
@@ -47,18 +48,22 @@ class PackedWorker:
         return seq
 
     def _items(self, rng: np.random.Generator, state: dict | None = None) -> EpochItems:
-        reader = SplitReader(self.stream.shards, self.order, self.split[0], self.split[1], self.stats, self.decode,
-                             (BadSequence,), "packed sequence", state["readers"][0] if state else None)
+        if self.elastic_pass:
+            reader = PieceReader(self.stream.shards, state["readers"][0], self.stats, self.decode, (BadSequence,),
+                                 "packed sequence")
+        else:
+            reader = SplitReader(self.stream.shards, self.order, self.split[0], self.split[1], self.stats,
+                                 self.decode, (BadSequence,), "packed sequence", state["readers"][0] if state else None)
         if state is None:
             return EpochItems([reader], [1.0], self.spec.shuffle_buffer, rng)
         refs = [tuple(ref) for ref in state["pool"]]
         found = fetch(self.stream.shards, refs, self.decode)
-        return EpochItems([reader], [1.0], self.spec.shuffle_buffer, rng, state["active"],
+        return EpochItems([reader], [1.0], self.spec.shuffle_buffer, rng, state.get("active"),
                           [(ref, found[ref]) for ref in refs], state["draining"])
 
     def _new_epoch(self, epoch: int) -> None:
         spec, stream = self.spec, self.stream
-        self.epoch = epoch
+        self.epoch, self.elastic_pass = epoch, False
         rng = np.random.default_rng([spec.seed, stream.rank, self.worker, epoch])
         split = split_shards(list(range(len(stream.shards))), stream.rank, stream.world, self.worker,
                              self.num_workers)
@@ -85,7 +90,7 @@ class PackedWorker:
                 self.reported = Counter(self.stats.skipped)
                 batch.stream_state = self.state()
                 yield batch
-            if self.stats.decoded == 0:
+            if self.stats.decoded == 0 and not self.elastic_pass:  # a share of an epoch's rest may be empty
                 raise self.stats.no_usable("pre-packed sequence", [self.stream.shards[i] for i in self.order])
             self.items = None
 
@@ -94,12 +99,17 @@ class PackedWorker:
             return None
         return {"kind": "packed", "worker": self.worker, "num_workers": self.num_workers, "epoch": self.epoch,
                 "order": self.order, "split": self.split, "items": self.items.state(),
-                "stats": read_stats_state(self.stats), "reported": dict(self.reported)}
+                "stats": read_stats_state(self.stats), "reported": dict(self.reported),
+                **({"pass": "elastic"} if self.elastic_pass else {})}
 
     def restore(self, state: dict) -> None:
         """Seek to a saved position: shards skipped, read sequences passed over, the pool re-read."""
+        if state.get("elastic"):
+            self.start_elastic(state)
+            return
         items = state["items"]
-        place, skip, _ = items["readers"][0]
+        self.elastic_pass = state.get("pass") == "elastic"
+        place, skip, _ = items["readers"][0] if not self.elastic_pass else (0, 0, 0)
         log.info("restoring data stream: rank %d worker %d: epoch %d, shard %d/%d, skipping %d sequences, "
                  "re-reading %d pooled", self.stream.rank, self.worker, state["epoch"], place + 1,
                  len(state["order"]), skip, len(items["pool"]))
@@ -107,3 +117,12 @@ class PackedWorker:
         self.stats = read_stats_from(state["stats"])
         self.items = self._items(generator_from(items["rng"]), items)
         self.reported = Counter(state["reported"])
+
+    def start_elastic(self, state: dict) -> None:
+        """Start on the share of an epoch's rest an elastic resume dealt to this reader
+        (data/elastic.py): its pieces, and its in-flight sequences in the shuffle pool."""
+        log.info("elastic resume of the data stream: rank %d worker %d reads %d pieces of epoch %d and %d requeued "
+                 "sequences", self.stream.rank, self.worker, len(state["pieces"][0]), state["epoch"], len(state["pool"]))
+        self.epoch, self.order, self.split, self.elastic_pass = state["epoch"], [], [1, 0], True
+        rng = np.random.default_rng([self.spec.seed, self.stream.rank, self.worker, self.epoch, self.stream.world])
+        self.items = self._items(rng, {"readers": state["pieces"], "pool": state["pool"], "draining": False})

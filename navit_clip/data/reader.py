@@ -74,6 +74,37 @@ class SplitReader:
         raise RuntimeError(f"sample from unexpected shard {url}")
 
 
+class PieceReader:
+    """Several splits read one after the other: a reader's share of an epoch's unread samples
+    after an elastic resume (data/elastic.py). Each piece is a split (shard order, stride, offset)
+    and a position in it; its position is the list of pieces not yet finished."""
+
+    def __init__(self, paths: list[str], pieces: list[dict], stats: ReadStats, decode: Decode,
+                 skip_errors: tuple[type[Exception], ...], what: str) -> None:
+        self.paths, self.stats, self.decode, self.skip_errors, self.what = paths, stats, decode, skip_errors, what
+        self.pieces = [{**piece, "position": list(piece["position"])} for piece in pieces]
+        self._current: SplitReader | None = None
+
+    @property
+    def position(self) -> list[dict]:
+        return [{**piece, "position": list(piece["position"])} for piece in self.pieces]
+
+    def next_item(self) -> tuple[Ref, Any] | None:
+        """The next usable item of the pieces left, or None when all are read."""
+        while self.pieces:
+            piece = self.pieces[0]
+            if self._current is None:
+                self._current = SplitReader(self.paths, piece["order"], piece["stride"], piece["offset"], self.stats,
+                                            self.decode, self.skip_errors, self.what, piece["position"])
+            item = self._current.next_item()
+            piece["position"] = list(self._current.position)
+            if item is not None:
+                return item
+            self.pieces.pop(0)
+            self._current = None
+        return None
+
+
 class EpochItems:
     """Sources interleaved by weight (until each is read), shuffled through a pool of `buffer`.
 

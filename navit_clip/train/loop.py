@@ -25,6 +25,7 @@ from navit_clip.data.loader import ResumableBatches, make_loader
 from navit_clip.data.spec import stream_spec
 from navit_clip.train.checkpoint import latest_tag
 from navit_clip.train.data_failure import agreed
+from navit_clip.train.elastic import checkpoint_stream_state, resumed_stream_state
 from navit_clip.train.engine import build_engine, param_checksum, tower_sizes
 from navit_clip.train.metrics import JsonlLogger, TensorBoardLogger, model_flops, plot_curves
 from navit_clip.train.resume import find_resume_step, load_resume_point, prepare_run_dir, stream_identity
@@ -54,9 +55,13 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
     spec = stream_spec(cfg)
     stream_id = stream_identity(spec, cfg)
     start_step, data_state = load_resume_point(engine, ckpt_dir, found_step, stream_id)
+    train_flops = (data_state or {}).get("train_flops", 0.0)
+    data_state, elastic = resumed_stream_state(data_state, spec, cfg.data.num_workers)
+    if elastic is not None and engine.zero_optimization_stage() < 3:  # the weights every new rank loaded
+        elastic["loaded_param_checksum"] = param_checksum(engine.module).tolist()
     continue_schedule(scheduler, start_step, cfg.train.steps)  # a new train.steps (train.extend)
     prepare_run_dir(cfg, out_dir, start_step)
-    rows = MetricsRows(cfg, out_dir, engine, scheduler, start_step, (data_state or {}).get("train_flops", 0.0))
+    rows = MetricsRows(cfg, out_dir, engine, scheduler, start_step, train_flops, elastic)
     poison_step = fault_step(dist.rank())
     batches = agreed(lambda: ResumableBatches(make_loader(spec, rank=dist.rank(), world=dist.world_size(),
                                                           num_workers=cfg.data.num_workers), data_state),
@@ -79,7 +84,7 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
                 progress.set_postfix(loss=f"{stats.loss:.3f}", imgs=stats.images, scale=f"{stats.logit_scale:.1f}")
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps or stopping:
                 saving = time.perf_counter()
-                save_checkpoint(engine, ckpt_dir, done, {**batches.state_dict(), "stream": stream_id,
+                save_checkpoint(engine, ckpt_dir, done, {**checkpoint_stream_state(batches, stream_id, elastic),
                                                          "train_flops": rows.train_flops}, cfg, rows.stage)
                 if dist.is_main():
                     plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
@@ -93,7 +98,7 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
     rows.close()
     stop.restore()
     return {"steps": done if stopping else cfg.train.steps, "stopped_early": bool(stopping),
-            "resumed_from": start_step, "final_loss": final_loss,
+            "resumed_from": start_step, "elastic_resume": elastic, "final_loss": final_loss,
             "images_seen": totals.images, "skipped_samples": totals.skipped_samples,
             "truncated_captions": totals.truncated_captions,
             "nonfinite_skipped": totals.nonfinite, "flops": rows.train_flops,
@@ -105,8 +110,10 @@ class MetricsRows:
     TensorBoard: this step's numbers, the run's totals (`flops` since the run began, carried over
     a resume in the checkpoint), and throughput since the previous row."""
 
-    def __init__(self, cfg: Config, out_dir: Path, engine, scheduler, start_step: int, train_flops: float) -> None:
+    def __init__(self, cfg: Config, out_dir: Path, engine, scheduler, start_step: int, train_flops: float,
+                 elastic: dict[str, Any] | None = None) -> None:
         self.cfg, self.engine, self.scheduler = cfg, engine, scheduler
+        self.elastic = elastic  # an elastic resume's accounting, written into the first row
         self.stage = engine.zero_optimization_stage()
         self.jsonl = JsonlLogger(out_dir / "metrics.jsonl", enabled=dist.is_main())
         self.board = TensorBoardLogger(out_dir / "tensorboard", enabled=dist.is_main())
@@ -139,6 +146,8 @@ class MetricsRows:
                    images_per_s=self.images / elapsed, tokens_per_s=self.tokens / elapsed, flops=self.train_flops)
         if self.cfg.train.peak_tflops > 0:
             row["mfu"] = self.mfu_flops / (elapsed * world * self.cfg.train.peak_tflops * 1e12)
+        if self.elastic is not None:
+            row["elastic_resume"], self.elastic = self.elastic, None
         if torch.cuda.is_available():  # this rank's high-water mark of tensor memory so far
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.jsonl.log(**row, param_checksums=checksums)

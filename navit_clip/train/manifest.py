@@ -56,6 +56,14 @@ def has_manifest(tag_dir: str | Path) -> bool:
     return (Path(tag_dir) / manifest_name(0)).exists()
 
 
+def saved_world_size(tag_dir: str | Path) -> int | None:
+    """The number of ranks that wrote the checkpoint (None: written before manifests, or unreadable)."""
+    try:
+        return int(json.loads((Path(tag_dir) / manifest_name(0)).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _read_manifests(tag_dir: Path) -> tuple[dict[str, dict], str | None]:
     """All ranks' file records -> ({name: record}, a problem or None)."""
     try:

@@ -20,6 +20,7 @@ from navit_clip.data.shards import expand_shards
 from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE
 from navit_clip.errors import CheckpointError, UserError
 from navit_clip.train.checkpoint import latest_tag, load_rng_state, step_tag, tag_step
+from navit_clip.train.elastic import LAYOUT_KEYS, check_model_layout
 from navit_clip.train.manifest import checkpoint_problem, has_manifest
 from navit_clip.train.save import CONFIG_FILE
 from navit_clip.train.schedule import restore_horizon
@@ -191,6 +192,7 @@ def load_resume_point(engine, ckpt_dir: Path, found_step: int,
     if found_step < 0:
         return 0, None
     tag = step_tag(found_step)
+    check_model_layout(ckpt_dir / tag, engine.zero_optimization_stage())
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {tag} from {ckpt_dir}")
@@ -227,7 +229,8 @@ def keep_tokenizer(tokenizer: str, out_dir: Path) -> None:
 
 def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
     """What determines the data stream, saved with each checkpoint. The shard paths may move;
-    their number, the sizes, the packing, seeds, ranks and workers may not."""
+    their number, the sizes, the packing and seeds may not; ranks and workers are recorded for an
+    elastic resume."""
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("shards", "tokenizer")}
     if spec.tokenizer != CLIP_BPE:  # the file may move; its content may not
         identity["tokenizer_sha256"] = hashlib.sha256(Path(spec.tokenizer).read_bytes()).hexdigest()
@@ -236,11 +239,12 @@ def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
 
 
 def check_same_stream(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Resuming skips the batches already trained on, which is right only for the same stream."""
+    """Resuming continues the data stream, which is right only for the same stream; the number of
+    ranks and workers may change (train/elastic.py)."""
     if saved is None:
         return
-    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    changed = sorted(k for k in saved.keys() | current.keys() if k not in LAYOUT_KEYS and saved.get(k) != current.get(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume: the data stream differs from the checkpoint's ({details}); "
-                          "resume with the same data settings, ranks and workers, or start a new train.out_dir")
+                          "resume with the same data settings, or start a new train.out_dir")

@@ -1,0 +1,96 @@
+"""Elastic resume through the deepspeed launcher (gloo on CPU): a 2-rank run's checkpoint resumed
+on 1 rank, and a 1-rank run's on 2. The resumed run loads the saved weights on every rank, keeps
+the LR schedule, trains on with a loss continuous with the uninterrupted run's, and reports the
+in-flight samples it requeued, which equal a count over the sample references in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from navit_clip.data.digits import make_digit_shards
+from navit_clip.data.elastic import packer_refs
+from navit_clip.train.checkpoint import load_model_state, load_trained_model
+from navit_clip.train.engine import param_checksum
+from navit_clip.train.metrics import read_jsonl
+from processes import TINY_TRAIN, free_port
+from test_distributed_training import check, launcher_env
+
+pytestmark = pytest.mark.slow
+
+STEPS, CUT = 6, 3
+TINY = [*TINY_TRAIN, "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.ckpt_every={CUT}",
+        "train.keep_checkpoints=3"]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+def launch(ranks: int, shards: str, out: Path, *extra: str) -> str:
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "navit_clip.cli",
+           "train", *TINY, f"data.train_shards={shards}", f"train.out_dir={out}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=launcher_env())
+    check(proc, proc.stdout, proc.stderr)
+    return proc.stdout + proc.stderr
+
+
+def in_flight(ranks: list[dict]) -> int:
+    """Samples a checkpoint's readers held in their shuffle pools and packers."""
+    return sum(len(state["items"]["pool"]) + sum(1 for _ in packer_refs(state["packer"]))
+               for workers in ranks for state in workers.values())
+
+
+def margin(rows: list[dict]) -> list[float]:
+    """Each step's loss minus chance level, ln(images in the global batch)."""
+    return [r["loss"] - math.log(r["images_per_step"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("elastic")
+    return make_digit_shards(root / "digits", train_copies=1, eval_per_class=2, max_train_digits=200,
+                             shards_train=4, shards_eval=1)["train_shards"]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(before, shards, straight)
+    shutil.copytree(straight, resumed)
+    log = launch(after, shards, resumed, "--resume", f"step{CUT}")
+    assert f"resuming elastically: {before}x1 -> {after}x1" in log
+
+    reference, rows = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[:CUT] == reference[:CUT]  # the rows up to the checkpoint are the original run's
+    first = rows[CUT]
+    assert first["world_size"] == after
+    report = first["elastic_resume"]
+    # every new rank loaded the saved weights (rank 0 says so; after the step the replicas agree)
+    model, _, step = load_trained_model(resumed, tag=f"step{CUT}")
+    assert step == CUT
+    assert report["loaded_param_checksum"] == pytest.approx(param_checksum(model).tolist(), rel=1e-12)
+    assert all(c == first["param_checksums"][0] for c in first["param_checksums"])
+    # the LR schedule goes on, and the loss is continuous with the uninterrupted run's
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in reference])
+    # A contrastive loss is measured against chance, ln(images in the global batch), which halves
+    # or doubles with the ranks: compare the margins over chance.
+    margins, expected = margin(rows), margin(reference)
+    assert all(math.isfinite(m) for m in margins)
+    assert abs(margins[CUT] - expected[CUT]) < 0.15, (margins, expected)
+    assert max(margins[CUT:]) < margins[0], f"the loss went back to the untrained model's: {margins}"
+    # the accounting: the checkpoint's in-flight samples requeued, nothing replayed or skipped
+    _, client = load_model_state(straight / "checkpoints", f"step{CUT}")
+    assert len(client["data"]["ranks"]) == before
+    assert report["from"] == f"{before}x1" and report["to"] == f"{after}x1"
+    assert report["samples_requeued"] == in_flight(client["data"]["ranks"]) > 0
+    assert report["samples_replayed"] == report["samples_skipped"] == 0
+    print(f"{before}->{after} ranks: {report}; loss before/after resume: {[r['loss'] for r in rows]} "
+          f"(uninterrupted: {[r['loss'] for r in reference]})")
+    _, later = load_model_state(resumed / "checkpoints", f"step{STEPS}")
+    assert later["data"]["elastic_resume"]["samples_requeued"] == report["samples_requeued"]
+    assert len(later["data"]["ranks"]) == after
