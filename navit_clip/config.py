@@ -125,6 +125,15 @@ class DropConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """data.augment: training crops of each image at nearly its own aspect ratio; the fields of
+    data.augment.CropPolicy (1.0 and 1.0: off)."""
+
+    min_area: float = 1.0  # smallest crop, as a fraction of the image's area
+    max_aspect_change: float = 1.0  # the crop's aspect ratio is the image's times up to this, or divided by it
+
+
+@dataclass
 class PackingConfig:
     """data.packing: the streaming best-fit packer's arguments (data.exact_fill.make_packer)."""
 
@@ -156,6 +165,7 @@ class DataConfig:
     max_image_pixels: int = 64_000_000  # larger images are skipped as suspicious
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     drop: DropConfig = field(default_factory=DropConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
 
@@ -245,6 +255,8 @@ class Config:
             ("data.drop.max_rate", 0.0 <= drop.max_rate < 1.0, "must be in [0, 1)"),
             ("data.drop.beta_a", drop.beta_a > 0, "must be > 0"),
             ("data.drop.beta_b", drop.beta_b > 0, "must be > 0"),
+            ("data.augment.min_area", 0.0 < d.augment.min_area <= 1.0, "must be in (0, 1]"),
+            ("data.augment.max_aspect_change", d.augment.max_aspect_change >= 1.0, "must be >= 1"),
             ("train.steps", self.train.steps >= 1, "must be >= 1"),
             ("train.ckpt_every", self.train.ckpt_every >= 1, "must be >= 1"),
             ("train.log_every", self.train.log_every >= 1, "must be >= 1"),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from navit_clip.batch import PackedBatch
+from navit_clip.data.augment import random_crop
 from navit_clip.data.dropping import apply_dropping
 from navit_clip.data.exact_fill import make_packer
 from navit_clip.data.packer_state import packer_state, restore_packer
@@ -65,7 +66,7 @@ class OnlineWorker:
     def prepare(self, ref: tuple[int, int] | None, sample: Sample, epoch: int, serial: int, step: int) -> PatchedImage:
         spec = self.spec
         rng = np.random.default_rng([spec.seed, self.stream.rank, self.worker, epoch, serial])
-        image = to_patched(sample, spec.resolution, self.tokenizer, rng, step, self.truncated)
+        image = to_patched(random_crop(sample, spec.augment, rng), spec.resolution, self.tokenizer, rng, step, self.truncated)
         image = apply_dropping(image, spec.drop, rng, step)
         if ref is not None:
             image.origin = {"shard": ref[0], "member": ref[1], "epoch": epoch, "serial": serial, "step": step}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from navit_clip.config import Config, PackingConfig, SourcesConfig
+from navit_clip.data.augment import CropPolicy
 from navit_clip.data.dropping import DropPolicy
 from navit_clip.data.resolution import ResolutionPolicy, inference_policy
 
@@ -33,6 +34,7 @@ class StreamSpec:
     loop: bool  # endless epochs (training) or a single pass (evaluation)
     seed: int
     max_image_pixels: int
+    augment: CropPolicy = CropPolicy()  # training crops (off in evaluation)
 
     @property
     def patch_size(self) -> int:
@@ -49,7 +51,7 @@ def stream_spec(cfg: Config) -> StreamSpec:
                       max_images=d.max_images, sequences_per_batch=d.sequences_per_batch, resolution=resolution,
                       drop=drop, packing=replace(d.packing), sources=replace(d.sources),
                       shuffle_buffer=d.shuffle_buffer, loop=True, seed=cfg.train.seed,
-                      max_image_pixels=d.max_image_pixels)
+                      max_image_pixels=d.max_image_pixels, augment=CropPolicy(**asdict(d.augment)))
 
 
 def evaluation_spec(cfg: Config, shards: str | None = None) -> StreamSpec:
@@ -58,6 +60,6 @@ def evaluation_spec(cfg: Config, shards: str | None = None) -> StreamSpec:
     `eval.sequences_per_batch` sequences per batch."""
     spec = stream_spec(cfg)
     return replace(spec, shards=shards or cfg.data.eval_shards, sequences_per_batch=cfg.eval.sequences_per_batch,
-                   resolution=inference_policy(spec.resolution), drop=DropPolicy(),
+                   resolution=inference_policy(spec.resolution), drop=DropPolicy(), augment=CropPolicy(),
                    packing=replace(spec.packing, exact_fill=False), sources=replace(spec.sources, resampled=False),
                    shuffle_buffer=0, loop=False)

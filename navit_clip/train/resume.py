@@ -232,6 +232,8 @@ def stream_identity(spec: StreamSpec, cfg: Config) -> dict[str, Any]:
     their number, the sizes, the packing and seeds may not; ranks and workers are recorded for an
     elastic resume."""
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("shards", "tokenizer")}
+    if not spec.augment.active:  # checkpoints from before training crops existed stay resumable
+        identity.pop("augment")
     if spec.tokenizer != CLIP_BPE:  # the file may move; its content may not
         identity["tokenizer_sha256"] = hashlib.sha256(Path(spec.tokenizer).read_bytes()).hexdigest()
     return {**identity, "num_shards": len(expand_shards(spec.shards, spec.sources.allow_pipe)), "world_size": dist.world_size(),
