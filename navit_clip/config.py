@@ -16,8 +16,7 @@ from typing import ClassVar, Literal
 
 from navit_clip.config_load import (CONFIG_DIR, REPO_ROOT, ConfigError, config_from_dict,  # noqa: F401
                                     config_to_dict, parse_overrides, read_yaml_file, resolve_path)
-from navit_clip.config_load import keys_set as _keys_set, merge as _merge, preset_named as _preset_named
-from navit_clip.config_load import vision_preset
+from navit_clip.config_load import keys_set as _keys_set, merge as _merge, preset_named as _preset_named, vision_preset
 
 
 # The `reference` attention is a test oracle (model/attention.py), not a choice for training.
@@ -126,8 +125,7 @@ class DropConfig:
 
 @dataclass
 class AugmentConfig:
-    """data.augment: training crops of each image at nearly its own aspect ratio; the fields of
-    data.augment.CropPolicy (1.0 and 1.0: off)."""
+    """data.augment: training crops at nearly the image's aspect ratio (data.augment.CropPolicy)."""
 
     min_area: float = 1.0  # smallest crop, as a fraction of the image's area
     max_aspect_change: float = 1.0  # the crop's aspect ratio is the image's times up to this, or divided by it
@@ -174,8 +172,7 @@ class DataConfig:
         "resolution": "resolution.mode", "max_tokens_per_image": "resolution.max_tokens",
         "min_tokens_per_image": "resolution.min_tokens", "side_mean": "resolution.side_mean",
         "side_std": "resolution.side_std", "resolution_ramp_start_tokens": "resolution.ramp_start_tokens",
-        "resolution_ramp_steps": "resolution.ramp_steps",
-        "drop": "drop.kind", "drop_rate": "drop.rate", "drop_beta_a": "drop.beta_a", "drop_beta_b": "drop.beta_b",
+        "resolution_ramp_steps": "resolution.ramp_steps", "drop": "drop.kind", "drop_rate": "drop.rate", "drop_beta_a": "drop.beta_a", "drop_beta_b": "drop.beta_b",
         "drop_max_rate": "drop.max_rate", "drop_ramp_start": "drop.ramp_start", "drop_ramp_steps": "drop.ramp_steps",
         "open_sequences": "packing.open_sequences", "pack_buffer": "packing.buffer_size",
         "source_weights": "sources.weights", "resampled": "sources.resampled",
