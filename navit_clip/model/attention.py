@@ -128,6 +128,9 @@ class AutoBackend(Backend):
         self.chosen: dict[tuple, str] = {}
 
     def pick(self, q: torch.Tensor, segment: torch.Tensor) -> Backend:
+        if torch.compiler.is_exporting():  # traced: no timing, no slicing at data-dependent image runs
+            return BACKENDS["flex"] if q.is_cuda and rule_choice(q.device, q.dtype, q.shape[-1]).name == "flex" \
+                else BACKENDS["sdpa"]
         grad = torch.is_grad_enabled() and q.requires_grad
         key = shape_class(q, segment, grad)
         if key not in self.chosen:
