@@ -146,10 +146,16 @@ class AutoBackend(Backend):
 
     def bind(self, segment: torch.Tensor) -> BoundAttend:
         bound: dict[str, BoundAttend] = {}
+        # Every block of one forward sees the same segments: read their shape class (a device sync
+        # on CUDA) once per call shape, not once per block.
+        picked: dict[tuple, Backend] = {}
 
         @torch.compiler.disable  # the trial times real calls; never traced
         def attend(q, k, v):
-            backend = self.pick(q, segment)
+            call = (q.shape, q.dtype, q.device, torch.is_grad_enabled() and q.requires_grad)
+            if call not in picked:
+                picked[call] = self.pick(q, segment)
+            backend = picked[call]
             if backend.name not in bound:
                 bound[backend.name] = backend.bind(segment)
             return bound[backend.name](q, k, v)
