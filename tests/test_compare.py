@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from navit_clip.compare import openclip_row
+from navit_clip.compare import openclip_row, recipes as recipe_runs
 from navit_clip.compare.openclip_launch import install_shim, skip_nameless
 from navit_clip.compare.report import markdown, write_report
 from navit_clip.compare.schedule import Job, checkpoint_steps, default_budgets, parse_recipes, pending, plan
@@ -91,14 +91,19 @@ def test_our_clip_bpe_ids_are_open_clips_own():
 # --- the schedule and its record ---------------------------------------------------------------
 
 def test_plan_trains_each_run_then_evaluates_checkpoints_and_budgets():
-    jobs = plan(["navit", "open_clip"], [0, 1], steps=100, checkpoints=4, train_budget=64, budgets=[16, 32, 64, 128])
+    jobs = plan(["navit", "open_clip"], [0, 1], steps=100, checkpoints=4, train_budgets={"navit": 49, "open_clip": 64},
+                budgets=[16, 32, 64, 128])
     assert checkpoint_steps(100, 4) == [25, 50, 75, 100]
     assert default_budgets(64) == [16, 32, 64, 128]
-    first = jobs[:8]
+    first = jobs[:9]
     assert first[0] == Job("train", "navit", 0)
-    assert [(j.step, j.budget) for j in first[1:]] == [(25, 64), (50, 64), (75, 64), (100, 64), (100, 16), (100, 32),
-                                                        (100, 128)]
-    assert len(jobs) == 2 * 2 * 8 and len({j.id for j in jobs}) == len(jobs)
+    # each recipe's checkpoints at its own training budget, its final model at every other budget
+    assert [(j.step, j.budget) for j in first[1:]] == [(25, 49), (50, 49), (75, 49), (100, 49), (100, 16), (100, 32),
+                                                        (100, 64), (100, 128)]
+    clip = [j for j in jobs if j.run == "open_clip-seed0"]
+    assert [(j.step, j.budget) for j in clip[1:]] == [(25, 64), (50, 64), (75, 64), (100, 64), (100, 16), (100, 32),
+                                                      (100, 128)]
+    assert len(jobs) == 2 * 9 + 2 * 8 and len({j.id for j in jobs}) == len(jobs)
     assert [j.run for j in jobs if j.kind == "train"] == ["navit-seed0", "navit-seed1", "open_clip-seed0",
                                                           "open_clip-seed1"]
     assert pending(jobs, [j.id for j in jobs[:9]]) == jobs[9:]
@@ -125,11 +130,19 @@ def _evals(recipe: str, accs: dict[tuple[int, int], list[float]]) -> list[dict]:
             for (step, budget), values in accs.items() for seed, acc in enumerate(values)]
 
 
+def test_report_reads_each_recipe_at_its_own_training_budget():
+    evals = _evals("navit", {(50, 49): [0.5], (100, 49): [0.6], (100, 64): [0.55]})
+    evals += _evals("square", {(50, 64): [0.2], (100, 64): [0.3], (100, 32): [0.1]})
+    text = markdown(evals, [], [])
+    assert "| navit (49 tokens) | 50.0% ± 0.0% (n=1) | 60.0% ± 0.0% (n=1) |" in text
+    assert "| square (64 tokens) | 20.0% ± 0.0% (n=1) | 30.0% ± 0.0% (n=1) |" in text
+
+
 def test_report_means_and_deviations_over_seeds(tmp_path):
     evals = _evals("navit", {(50, 64): [0.2, 0.4], (100, 64): [0.5, 0.7], (100, 32): [0.4, 0.6]})
     evals += _evals("open_clip", {(50, 64): [0.1, 0.1], (100, 64): [0.3, 0.3], (100, 32): [0.2, 0.2]})
     text = markdown(evals, [{"recipe": "navit", "seconds": 10.0}], ["a note"])
-    assert "| navit | 30.0% ± 14.1% (n=2) | 60.0% ± 14.1% (n=2) |" in text  # stdev of (0.2, 0.4) = 0.1414
+    assert "| navit (64 tokens) | 30.0% ± 14.1% (n=2) | 60.0% ± 14.1% (n=2) |" in text  # stdev of (0.2, 0.4) = 0.1414
     assert "| open_clip | 20.0% ± 0.0% (n=2) | 30.0% ± 0.0% (n=2) |" in text  # the 32-token row: final models
     assert "_a note_" in text and "| navit | 10 | 1 |" in text
     written = write_report(tmp_path, evals, [], [])
@@ -180,14 +193,15 @@ def test_compare_end_to_end_resumes_without_retraining(small_digits, tmp_path):
     done = _state(out)
     with_openclip = openclip_row.available() is None
     recipes = ["navit", "open_clip"] if with_openclip else ["navit"]
-    expected = plan(recipes, [0], steps=4, checkpoints=2, train_budget=64, budgets=[32, 64])
+    expected = plan(recipes, [0], steps=4, checkpoints=2,
+                    train_budgets={r: recipe_runs.training_budget(r) for r in recipes}, budgets=[32, 64])
     assert set(done) == {job.id for job in expected}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {(r["recipe"], int(r["step"]), int(r["budget"])) for r in rows} == {
         (j.recipe, j.step, j.budget) for j in expected if j.kind == "eval"}
     assert all(0.0 <= float(r["acc1"]) <= 1.0 for r in rows)
     table = (out / "table.md").read_text()
-    assert "| navit |" in table and ("| open_clip |" in table) == with_openclip
+    assert "| navit (" in table and ("| open_clip (64 tokens) |" in table) == with_openclip
     if not with_openclip:
         assert "open_clip row skipped" in table
     for png in ("accuracy_vs_compute.png", "accuracy_vs_inference_tokens.png"):

@@ -15,11 +15,18 @@ from navit_clip.eval.towers import Towers
 from navit_clip.train.metrics import read_jsonl
 
 OWN_RECIPES = {"navit": "navit.yaml", "square": "square.yaml"}
+# open_clip_train runs the square recipe's sizes: its square side, batch and towers come from square.yaml.
+RECIPE_CONFIGS = {**OWN_RECIPES, "open_clip": "square.yaml"}
 
 
 def recipe_config(recipe: str, overrides: list[str] | None = None) -> Config:
-    """The Config of one of navit-clip's recipes (open_clip_train is given navit's sizes)."""
-    return load_config(str(CONFIG_DIR / "compare" / OWN_RECIPES.get(recipe, "navit.yaml")), overrides or [])
+    """The Config of a recipe of the comparison (for open_clip_train: the sizes it is given)."""
+    return load_config(str(CONFIG_DIR / "compare" / RECIPE_CONFIGS[recipe]), overrides or [])
+
+
+def training_budget(recipe: str) -> int:
+    """Tokens per image the recipe trains at (the most, for NaViT's sampled resolutions)."""
+    return recipe_config(recipe).data.resolution.max_tokens
 
 
 def tokens_per_step(recipe: str, cfg: Config) -> int:

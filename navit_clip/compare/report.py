@@ -29,12 +29,16 @@ def compute_axis(evals: list[dict]) -> str:
 
 
 def during_training(evals: list[dict]) -> dict[str, dict[int, list[dict]]]:
-    """recipe -> checkpoint step -> evaluations over seeds, at the training token budget."""
-    train_budget = _train_budget(evals)
-    table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    """recipe -> checkpoint step -> evaluations over seeds, at that recipe's training token budget."""
+    by_recipe: dict[str, list[dict]] = defaultdict(list)
     for e in evals:
-        if e["budget"] == train_budget:
-            table[e["recipe"]][e["step"]].append(e)
+        by_recipe[e["recipe"]].append(e)
+    table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for recipe, rows in by_recipe.items():
+        train_budget = _train_budget(rows)
+        for e in rows:
+            if e["budget"] == train_budget:
+                table[recipe][e["step"]].append(e)
     return table
 
 
@@ -49,11 +53,15 @@ def at_inference(evals: list[dict]) -> dict[str, dict[int, list[dict]]]:
 
 
 def _train_budget(evals: list[dict]) -> int:
-    """The budget every checkpoint was evaluated at (the one present at more than one step)."""
+    """The budget every checkpoint of one recipe was evaluated at (the one present at most steps)."""
     steps_by_budget: dict[int, set] = defaultdict(set)
     for e in evals:
         steps_by_budget[e["budget"]].add(e["step"])
     return max(steps_by_budget, key=lambda b: (len(steps_by_budget[b]), -b), default=0)
+
+
+def _budget_of(by_step: dict[int, list[dict]]) -> int:
+    return next(rows[0]["budget"] for rows in by_step.values() if rows)
 
 
 def _cell(rows: list[dict]) -> str:
@@ -66,9 +74,10 @@ def markdown(evals: list[dict], trainings: list[dict], notes: list[str]) -> str:
     lines += [f"_{note}_" for note in notes] + ([""] if notes else [])
     training = during_training(evals)
     steps = sorted({s for by_step in training.values() for s in by_step})
-    lines += ["## During training (at the training token budget)", "",
+    lines += ["## During training (each recipe at its training tokens per image)", "",
               "| recipe | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
-    lines += [f"| {recipe} | " + " | ".join(_cell(by_step[s]) if s in by_step else "n/a" for s in steps) + " |"
+    lines += [f"| {recipe} ({_budget_of(by_step)} tokens) | "
+              + " | ".join(_cell(by_step[s]) if s in by_step else "n/a" for s in steps) + " |"
               for recipe, by_step in training.items()]
     inference = at_inference(evals)
     budgets = sorted({b for by_budget in inference.values() for b in by_budget})

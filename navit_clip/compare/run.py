@@ -42,10 +42,10 @@ def compare(settings: Settings, progress: bool = True) -> dict:
         notes.append(f"open_clip row skipped: {missing}")
         print(notes[-1])
         chosen.remove("open_clip")
-    train_budget = recipes.recipe_config("navit").data.resolution.max_tokens
-    budgets = settings.budgets or default_budgets(train_budget)
+    train_budgets = {recipe: recipes.training_budget(recipe) for recipe in chosen}
+    budgets = settings.budgets or default_budgets(max(train_budgets.values(), default=1))
     state = CompareState(settings.out, settings.recorded())
-    jobs = plan(chosen, settings.seeds, settings.steps, settings.checkpoints, train_budget, budgets)
+    jobs = plan(chosen, settings.seeds, settings.steps, settings.checkpoints, train_budgets, budgets)
     todo = pending(jobs, state.done)
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="compare", unit="job", disable=not progress,
                dynamic_ncols=True)

@@ -2,13 +2,13 @@
 each job with a stable id so that a rerun can tell finished work from the rest. No I/O here.
 
 For every recipe and seed: one training job, then zero-shot evaluations of the checkpoints at
-equal fractions of the training budget (at the training token budget), then of the final model
-at each inference budget."""
+equal fractions of the training budget (at that recipe's training tokens per image), then of the
+final model at each inference budget."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from navit_clip.errors import InputError
 
@@ -67,12 +67,14 @@ def default_budgets(train_budget: int) -> list[int]:
     return sorted({max(1, round(train_budget * f)) for f in DEFAULT_BUDGET_FACTORS})
 
 
-def plan(recipes: Sequence[str], seeds: Iterable[int], steps: int, checkpoints: int, train_budget: int,
-         budgets: Sequence[int]) -> list[Job]:
-    """Every job of the comparison in the order it runs: a run's evaluations right after it."""
+def plan(recipes: Sequence[str], seeds: Iterable[int], steps: int, checkpoints: int,
+         train_budgets: Mapping[str, int], budgets: Sequence[int]) -> list[Job]:
+    """Every job of the comparison in the order it runs: a run's evaluations right after it.
+    `train_budgets`: each recipe's training tokens per image, where its checkpoints are evaluated."""
     at = checkpoint_steps(steps, checkpoints)
     jobs: list[Job] = []
     for recipe in recipes:
+        train_budget = train_budgets[recipe]
         for seed in seeds:
             jobs.append(Job("train", recipe, seed))
             jobs += [Job("eval", recipe, seed, step, train_budget) for step in at]
