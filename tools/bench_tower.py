@@ -20,6 +20,7 @@ shared machine hits every variant alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -146,6 +147,19 @@ def tower_step(model: NaViT, batches: list[PackedBatch], backward: bool) -> Call
     return run
 
 
+class _SkipAttention:
+    """An attention backend that returns the queries: the tower's cost without attention."""
+
+    def bind(self, segment: torch.Tensor) -> Callable:
+        return lambda q, k, v: q
+
+
+def without_attention(model: NaViT) -> NaViT:
+    bare = copy.deepcopy(model)
+    bare.attend = _SkipAttention()
+    return bare
+
+
 def describe(name: str, batches: list[PackedBatch], n: int) -> str:
     real = sum(int((b.segment >= 0).sum()) for b in batches)
     total = sum(b.seq_len * b.num_sequences for b in batches)
@@ -174,11 +188,19 @@ def bench_tower(args, cfg: VisionConfig, batch: PackedBatch, images: list[Patche
     for backward in (False, True) if args.backward else (False,):
         variants = {name: tower_step(model, [b.to(device) for b in batches], backward)
                     for name, (model, batches) in runs.items()}
+        if args.attention_split:  # the same towers with attention skipped: what the token-wise layers cost
+            variants.update({f"{name} w/o attention": tower_step(without_attention(model), [b.to(device) for b in batches],
+                                                                   backward)
+                             for name, (model, batches) in runs.items() if name != "padded"})
         secs = interleaved(variants, args.reps, 1, device, "tower")
         mode = "forward+backward" if backward else "forward"
         rates = "   ".join(f"{name} {n / secs[name]:7.1f} img/s" for name in runs)
         print(f"  {mode:17s} {rates}   packed/padded = {secs['padded'] / secs['packed']:.2f}x   "
               f"packed/naflex = {secs['naflex'] / secs['packed']:.2f}x")
+        if args.attention_split:
+            bare = {name: secs[f"{name} w/o attention"] for name in ("packed", "naflex")}
+            print(f"  {'  w/o attention':17s} packed/naflex = {bare['naflex'] / bare['packed']:.2f}x;   attention alone: "
+                  + "   ".join(f"{name} {secs[name] - bare[name]:.3f} s" for name in bare))
 
 
 def bench_attention(args, cfg: VisionConfig, batch: PackedBatch, device, dtype) -> None:
@@ -273,6 +295,8 @@ def main() -> None:
                              "256-token budget)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--attention-split", action="store_true",
+                        help="also time packed and naflex with attention skipped (where the difference lies)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM)")
     parser.add_argument("--seed", type=int, default=0)
