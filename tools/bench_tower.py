@@ -36,6 +36,7 @@ from navit_clip.data.packing import PatchedImage, StreamingPacker, to_packed_bat
 from navit_clip.data.resolution import ResolutionPolicy
 from navit_clip.model.attention import get_attend
 from navit_clip.model.navit import NaViT
+from navit_clip.model.packed_sdpa import FunctionBackend
 from size_csv import read_sizes
 
 
@@ -147,16 +148,10 @@ def tower_step(model: NaViT, batches: list[PackedBatch], backward: bool) -> Call
     return run
 
 
-class _SkipAttention:
-    """An attention backend that returns the queries: the tower's cost without attention."""
-
-    def bind(self, segment: torch.Tensor) -> Callable:
-        return lambda q, k, v: q
-
-
 def without_attention(model: NaViT) -> NaViT:
+    """A copy of the tower whose attention returns the queries: its cost without attention."""
     bare = copy.deepcopy(model)
-    bare.attend = _SkipAttention()
+    bare.attend = FunctionBackend("skip", lambda q, k, v, segment: q)
     return bare
 
 
@@ -185,16 +180,15 @@ def bench_tower(args, cfg: VisionConfig, batch: PackedBatch, images: list[Patche
           f"sequence lengths {args.naflex_seq_lens}, {batch.num_sequences * batch.seq_len} tokens a batch")
     for name, (_, batches) in runs.items():
         print(describe(name, batches, n))
+    if args.attention_split:  # the same towers with attention skipped: what the token-wise layers cost
+        runs.update({f"{name} w/o attention": (without_attention(model), batches)
+                     for name, (model, batches) in list(runs.items()) if name != "padded"})
     for backward in (False, True) if args.backward else (False,):
         variants = {name: tower_step(model, [b.to(device) for b in batches], backward)
                     for name, (model, batches) in runs.items()}
-        if args.attention_split:  # the same towers with attention skipped: what the token-wise layers cost
-            variants.update({f"{name} w/o attention": tower_step(without_attention(model), [b.to(device) for b in batches],
-                                                                   backward)
-                             for name, (model, batches) in runs.items() if name != "padded"})
         secs = interleaved(variants, args.reps, 1, device, "tower")
         mode = "forward+backward" if backward else "forward"
-        rates = "   ".join(f"{name} {n / secs[name]:7.1f} img/s" for name in runs)
+        rates = "   ".join(f"{name} {n / secs[name]:7.1f} img/s" for name in ("packed", "padded", "naflex"))
         print(f"  {mode:17s} {rates}   packed/padded = {secs['padded'] / secs['packed']:.2f}x   "
               f"packed/naflex = {secs['naflex'] / secs['packed']:.2f}x")
         if args.attention_split:
