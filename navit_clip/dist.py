@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,24 @@ def init_distributed() -> None:
         torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
+    release_shm_buffer()
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce (its shm op) maps for `rank` of this job."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed all-reduce buffer (66 MB per rank in /dev/shm, i.e. memory)
+    once every rank has mapped every buffer. DeepSpeed never unlinks it, so each CPU run, killed or
+    not, left its buffers behind until /dev/shm filled and later runs died of memory; the mappings
+    stay valid after the unlink and the memory returns when the processes exit."""
+    if not shm_buffer_path(rank()).exists():
+        return  # no shm op here (a GPU run, or ranks on several machines)
+    barrier()  # every rank has opened every other rank's buffer during init
+    shm_buffer_path(rank()).unlink(missing_ok=True)
 
 
 def _collective_device() -> torch.device:

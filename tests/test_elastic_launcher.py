@@ -2,6 +2,8 @@
 on 1 rank, and a 1-rank run's on 2. The resumed run loads the saved weights on every rank, keeps
 the LR schedule, trains on with a loss continuous with the uninterrupted run's, and reports the
 in-flight samples it requeued, which equal a count over the sample references in the checkpoint.
+Under ZeRO stages 1-3 (optimizer state partitioned per rank, loaded through DeepSpeed's universal
+checkpoint) the resumed run trains exactly as the ZeRO-0 one, whose optimizer state is whole.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ TINY = [*TINY_TRAIN, "optim.warmup_steps=2", f"train.steps={STEPS}", f"train.ckp
         # native sizes and attention pooling: the setting whose loss falls within these few steps
         "data.resolution.mode=native", "model.vision.pooling=map"]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+ZERO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 def launch(ranks: int, shards: str, out: Path, *extra: str) -> str:
@@ -58,12 +61,28 @@ def shards(tmp_path_factory) -> str:
                              shards_train=4, shards_eval=1)["train_shards"]
 
 
+@pytest.fixture(scope="module")
+def elastic_runs(shards, tmp_path_factory):
+    """(ZeRO config, ranks before, ranks after) -> (uninterrupted run, run resumed at step CUT on
+    the other number of ranks, the resumed run's log); each launched once per module."""
+    made: dict[tuple[str, int, int], tuple[Path, Path, str]] = {}
+
+    def run(zero: str, before: int, after: int) -> tuple[Path, Path, str]:
+        if (zero, before, after) not in made:
+            root = tmp_path_factory.mktemp(f"{zero}_{before}to{after}")
+            straight, resumed = root / "straight", root / "resumed"
+            ds = f"train.deepspeed={ZERO_CONFIGS / zero}"
+            launch(before, shards, straight, ds)
+            shutil.copytree(straight, resumed)
+            made[zero, before, after] = straight, resumed, launch(after, shards, resumed, ds, "--resume", f"step{CUT}")
+        return made[zero, before, after]
+
+    return run
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch(before, shards, straight)
-    shutil.copytree(straight, resumed)
-    log = launch(after, shards, resumed, "--resume", f"step{CUT}")
+def test_resume_on_another_number_of_ranks(elastic_runs, before, after):
+    straight, resumed, log = elastic_runs("cpu.json", before, after)
     assert f"resuming elastically: {before}x1 -> {after}x1" in log
 
     reference, rows = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
@@ -96,3 +115,21 @@ def test_resume_on_another_number_of_ranks(shards, tmp_path, before, after):
     _, later = load_model_state(resumed / "checkpoints", f"step{STEPS}")
     assert later["data"]["elastic_resume"]["samples_requeued"] == report["samples_requeued"]
     assert len(later["data"]["ranks"]) == after
+
+
+@pytest.mark.parametrize("zero,before,after", [("zero1.json", 2, 1), ("zero2.json", 1, 2), ("zero3.json", 2, 1)])
+def test_partitioned_optimizer_resumes_through_universal_checkpoint(elastic_runs, zero, before, after):
+    """The weights and Adam moments come back re-sliced for the new world size: the resumed run
+    trains as the ZeRO-0 run resumed the same way (its optimizer state is whole, loaded as saved).
+    Lost moments or master weights would change the losses after the resume."""
+    reference_straight, reference, _ = elastic_runs("cpu.json", before, after)
+    straight, resumed, log = elastic_runs(zero, before, after)
+    assert f"written by {before} ranks) to a universal checkpoint for {after} ranks" in log
+    assert (resumed / "checkpoints" / f"step{CUT}" / "universal" / "zero").is_dir()
+    rows, expected = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    assert [r["loss"] for r in read_jsonl(straight / "metrics.jsonl")] == pytest.approx(
+        [r["loss"] for r in read_jsonl(reference_straight / "metrics.jsonl")], abs=1e-4)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows[CUT:]] == pytest.approx([r["loss"] for r in expected[CUT:]], abs=1e-4)
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in expected])
+    assert rows[CUT]["elastic_resume"]["samples_requeued"] == expected[CUT]["elastic_resume"]["samples_requeued"]

@@ -170,16 +170,55 @@ def check_layouts(stream, layouts: list[tuple[int, int, int | None]]) -> None:
     assert any(requeued), "the cuts should fall where buffers hold samples"
 
 
-def test_a_partitioned_optimizer_on_another_world_size_is_refused(tmp_path):
-    """ZeRO >= 1 keeps one optimizer partition per rank: this 1-rank process may not load a
-    2-rank checkpoint's; ZeRO 0 (replicated) may."""
-    from navit_clip.errors import CheckpointError
-    from navit_clip.train.elastic import check_model_layout
+def test_only_a_partitioned_optimizer_on_another_world_size_needs_the_universal_checkpoint(tmp_path):
+    """ZeRO >= 1 keeps one optimizer partition per rank: this 1-rank process must re-slice a 2-rank
+    checkpoint's; ZeRO 0 (replicated), a 1-rank checkpoint, or one without manifests load as saved."""
     from navit_clip.train.manifest import write_manifest
+    from navit_clip.train.universal import needs_universal
 
-    tag_dir = tmp_path / "step3"
-    tag_dir.mkdir()
-    write_manifest(tag_dir, 0, 2, 3, [])
-    check_model_layout(tag_dir, stage=0)
-    with pytest.raises(CheckpointError, match="written by 2 ranks under ZeRO stage 1"):
-        check_model_layout(tag_dir, stage=1)
+    two, one, old = tmp_path / "step3", tmp_path / "step4", tmp_path / "step5"
+    for tag_dir, world in ((two, 2), (one, 1)):
+        tag_dir.mkdir()
+        write_manifest(tag_dir, 0, world, 3, [])
+    old.mkdir()
+    assert [needs_universal(two, stage) for stage in (0, 1, 2, 3)] == [False, True, True, True]
+    assert not needs_universal(one, 1) and not needs_universal(old, 1)
+
+
+def test_a_failed_conversion_is_an_error_naming_the_checkpoint(tmp_path):
+    """A 2-rank ZeRO-1 checkpoint without its DeepSpeed files cannot be converted: the resume stops
+    with one CheckpointError that names the step and the world size to resume on instead."""
+    from navit_clip.errors import CheckpointError
+    from navit_clip.train.manifest import write_manifest
+    from navit_clip.train.universal import resume_through_universal
+
+    (tmp_path / "step3").mkdir()
+    write_manifest(tmp_path / "step3", 0, 2, 3, [])
+    assert resume_through_universal(tmp_path, -1, 1) is False  # a fresh run converts nothing
+    with pytest.raises(CheckpointError, match="cannot resume step3 on 1 ranks: converting it .* resume on 2 ranks"):
+        resume_through_universal(tmp_path, 3, 1)
+    assert not (tmp_path / "step3" / "universal").exists()
+
+
+def test_conversion_and_universal_loads_never_unpickle_arbitrary_objects(tmp_path):
+    """DeepSpeed's converter asks torch.load for weights_only=False; inside weights_only_loads it
+    gets weights_only=True: tensors and DeepSpeed's plain-data classes load, other objects do not."""
+    import pickle
+
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from navit_clip.train.universal import weights_only_loads
+
+    plain, hostile = tmp_path / "plain.pt", tmp_path / "hostile.pt"
+    torch.save({"w": torch.ones(2), "stage": ZeroStageEnum.optimizer_states}, plain)
+    torch.save({"f": _Hostile()}, hostile)
+    with weights_only_loads():
+        assert torch.load(plain, weights_only=False)["stage"] == ZeroStageEnum.optimizer_states
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(hostile, weights_only=False)
+    assert isinstance(torch.load(hostile, weights_only=False)["f"], _Hostile)  # restored afterwards
+
+
+class _Hostile:
+    """An object a shard or checkpoint must never get to rebuild."""

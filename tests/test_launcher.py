@@ -23,11 +23,14 @@ def launch(out: Path, shards: str, steps: int, deepspeed_json: Path) -> subproce
     deepspeed = Path(sys.executable).parent / "deepspeed"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "navit_clip.cli", "train",
+    port = free_port()
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "--module", "navit_clip.cli", "train",
            *TINY, f"data.train_shards={shards}", f"train.out_dir={out}", f"train.steps={steps}", "train.ckpt_every=3",
            f"train.deepspeed={deepspeed_json}", "train.extend=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, f"deepspeed launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    # DeepSpeed's CPU all-reduce buffers (66 MB of /dev/shm per rank) are not left behind
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
 
 

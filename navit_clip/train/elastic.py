@@ -7,40 +7,24 @@ shards and the samples in flight are re-split over the new readers (data/elastic
 accounting is logged, written to metrics.jsonl and kept in the next checkpoints.
 
 Model and optimizer: with ZeRO stage 0 both are replicated and saved whole by rank 0, so every
-new rank loads them as they are. ZeRO stages 1-3 partition the optimizer state per rank; DeepSpeed
-loads it only on the world size that wrote it (its universal checkpoint, converted offline with
-`ds_to_universal.py`, is the way across), so a different world size is refused there.
+new rank loads them as they are. ZeRO stages 1-3 partition the optimizer state per rank; on a new
+world size such a checkpoint loads through DeepSpeed's universal checkpoint (train/universal.py).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from navit_clip import dist
 from navit_clip.data.elastic import rank_stream_state
 from navit_clip.data.loader import ResumableBatches
 from navit_clip.data.spec import StreamSpec
-from navit_clip.errors import CheckpointError
-from navit_clip.train.manifest import saved_world_size
 
 log = logging.getLogger(__name__)
 
 #: stream-identity keys an elastic resume may change
 LAYOUT_KEYS = ("world_size", "num_workers")
-
-
-def check_model_layout(tag_dir: Path, stage: int) -> None:
-    """Refuse, before DeepSpeed loads anything, a world size other than the checkpoint's when the
-    optimizer state is partitioned per rank (ZeRO stage >= 1)."""
-    saved, world = saved_world_size(tag_dir), dist.world_size()
-    if stage == 0 or saved is None or saved == world:
-        return
-    raise CheckpointError(f"cannot resume {tag_dir.name} on {world} ranks: it was written by {saved} ranks under "
-                          f"ZeRO stage {stage}, which partitions the optimizer state per rank, and navit-clip does not "
-                          f"load DeepSpeed universal checkpoints (ds_to_universal.py); resume on {saved} ranks, or "
-                          "train with ZeRO stage 0 (configs/deepspeed/cpu.json) to change the number of ranks")
 
 
 def checkpoint_stream_state(batches: ResumableBatches, stream_id: dict[str, Any],

@@ -37,7 +37,9 @@ OWNED_DEEPSPEED_KEYS = {
 DECAYED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, *, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config: train.deepspeed's JSON plus what our config owns. `load_universal`:
+    the checkpoint to resume is a universal one (train/universal.py)."""
     path = resolve_path(cfg.train.deepspeed)
     if not path.exists():
         raise ConfigError(f"config key train.deepspeed names {path}, which does not exist")
@@ -55,7 +57,14 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "bf16": {"enabled": cfg.train.precision == "bf16"},
     })
     ds.setdefault("steps_per_print", 10**9)
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
+
+
+def zero_stage(cfg: Config) -> int:
+    """The ZeRO stage train.deepspeed asks for (0 when it says none)."""
+    return int(deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0))
 
 
 def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -75,7 +84,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config):
+def build_engine(cfg: Config, *, load_universal: bool = False):
     """-> (engine, optimizer, scheduler) for NaViTCLIP under DeepSpeed."""
     import deepspeed
 
@@ -87,7 +96,7 @@ def build_engine(cfg: Config):
     schedule = WarmupCosine(cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=deepspeed_config(cfg))
+                                                           config=deepspeed_config(cfg, load_universal=load_universal))
     engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     if engine.zero_optimization_stage() == 0 and dist.world_size() == 1:
         # Nothing to average over: DeepSpeed would still copy every gradient into flat buckets,

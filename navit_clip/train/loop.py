@@ -26,13 +26,14 @@ from navit_clip.data.spec import stream_spec
 from navit_clip.train.checkpoint import latest_tag
 from navit_clip.train.data_failure import agreed
 from navit_clip.train.elastic import checkpoint_stream_state, resumed_stream_state
-from navit_clip.train.engine import build_engine, param_checksum, tower_sizes
+from navit_clip.train.engine import build_engine, param_checksum, tower_sizes, zero_stage
 from navit_clip.train.metrics import JsonlLogger, TensorBoardLogger, model_flops, plot_curves
 from navit_clip.train.resume import find_resume_step, load_resume_point, prepare_run_dir, stream_identity
 from navit_clip.train.run_lock import hold_run_dir
 from navit_clip.train.save import save_checkpoint
 from navit_clip.train.schedule import continue_schedule
 from navit_clip.train.step import Counts, StepStats, fault_step, train_step
+from navit_clip.train.universal import resume_through_universal
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def _train_holding_run_dir(cfg: Config, resume_tag: str | None) -> dict[str, Any
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     found_step = find_resume_step(cfg, ckpt_dir, resume_tag)  # before the engine: a refusal costs no model build
-    engine, _, scheduler = build_engine(cfg)
+    universal = resume_through_universal(ckpt_dir, found_step, zero_stage(cfg))  # ZeRO >= 1 on a new world size
+    engine, _, scheduler = build_engine(cfg, load_universal=universal)
     spec = stream_spec(cfg)
     stream_id = stream_identity(spec, cfg)
     start_step, data_state = load_resume_point(engine, ckpt_dir, found_step, stream_id)

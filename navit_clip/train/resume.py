@@ -20,7 +20,8 @@ from navit_clip.data.shards import expand_shards
 from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE
 from navit_clip.errors import CheckpointError, UserError
 from navit_clip.train.checkpoint import latest_tag, load_rng_state, step_tag, tag_step
-from navit_clip.train.elastic import LAYOUT_KEYS, check_model_layout
+from navit_clip.train.elastic import LAYOUT_KEYS
+from navit_clip.train.universal import UNIVERSAL_DIR, weights_only_loads
 from navit_clip.train.manifest import checkpoint_problem, has_manifest
 from navit_clip.train.save import CONFIG_FILE
 from navit_clip.train.schedule import restore_horizon
@@ -192,8 +193,11 @@ def load_resume_point(engine, ckpt_dir: Path, found_step: int,
     if found_step < 0:
         return 0, None
     tag = step_tag(found_step)
-    check_model_layout(ckpt_dir / tag, engine.zero_optimization_stage())
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if engine.load_universal_checkpoint():  # ZeRO >= 1 on a new world size: its converted copy
+        with weights_only_loads():
+            path, client = engine.load_checkpoint(str(ckpt_dir / tag), tag=UNIVERSAL_DIR)
+    else:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {tag} from {ckpt_dir}")
     start_step, data_state = int(client["step"]), client["data"]
