@@ -152,6 +152,84 @@ def test_report_means_and_deviations_over_seeds(tmp_path):
         assert written[key].read_bytes()[:4] == b"\x89PNG"
 
 
+# --- trainings at a time (--jobs) ---------------------------------------------------------------
+
+def _scheduled(monkeypatch, jobs: int, seconds: dict[str, float], fails: str | None = None) -> tuple[list, list, Exception | None]:
+    """Run compare.run.train_runs over one training per entry of `seconds`, each a stand-in that
+    takes that long in the pool's thread (the real one waits on a child process the same way);
+    -> (events in order, the trainings recorded, the error train_runs raised)."""
+    import threading
+
+    from navit_clip.compare import run as compare_run
+
+    events, recorded, lock, main = [], [], threading.Lock(), threading.get_ident()
+
+    def fake_train(job, settings):
+        with lock:
+            events.append(("start", job.seed))
+        time.sleep(seconds[str(job.seed)])
+        with lock:
+            events.append(("end", job.seed))
+        if str(job.seed) == fails:
+            raise RuntimeError(f"training seed {job.seed} failed")
+        return {"kind": "train", "seed": job.seed}
+
+    def trained(job, result):
+        assert threading.get_ident() == main, "state.json must have one writer"
+        with lock:
+            events.append(("trained", job.seed))
+        time.sleep(0.05)  # its evaluations: the slot stays taken meanwhile
+        recorded.append(result["seed"])
+
+    monkeypatch.setattr(compare_run, "_train", fake_train)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    settings = compare_run.Settings(shards="", eval_shards="", steps=4, seeds=[], recipes=["navit"],
+                                    out=Path("."), jobs=jobs)
+    trainings = [Job("train", "navit", int(seed)) for seed in seconds]
+    error = None
+    try:
+        compare_run.train_runs(trainings, settings, trained)
+    except RuntimeError as exc:
+        error = exc
+    return events, recorded, error
+
+
+def _most_at_once(events: list) -> int:
+    now = most = 0
+    for kind, _ in events:
+        now += {"start": 1, "trained": -1}.get(kind, 0)
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3])
+def test_trainings_run_jobs_at_a_time_each_evaluated_before_its_slot_is_reused(monkeypatch, jobs):
+    events, recorded, error = _scheduled(monkeypatch, jobs, {"0": 0.3, "1": 0.1, "2": 0.1, "3": 0.1})
+    assert error is None and sorted(recorded) == [0, 1, 2, 3]
+    assert _most_at_once(events) == jobs  # never more trainings (with their evaluation) than --jobs
+    for seed in range(4):
+        assert events.index(("end", seed)) < events.index(("trained", seed))
+    if jobs == 1:  # one after another, as before --jobs existed
+        assert events == [(kind, seed) for seed in range(4) for kind in ("start", "end", "trained")]
+    else:  # the short ones finish and are recorded while the long one still trains
+        assert events.index(("trained", 1)) < events.index(("end", 0))
+
+
+def test_a_failed_training_starts_no_other_lets_the_running_finish_and_is_raised(monkeypatch):
+    events, recorded, error = _scheduled(monkeypatch, 2, {"0": 0.05, "1": 0.3, "2": 0.05}, fails="0")
+    assert str(error) == "training seed 0 failed"
+    assert recorded == [1]  # the one running beside it finished and was recorded
+    assert ("start", 2) not in events  # no other was started
+
+
+def test_jobs_must_be_positive():
+    from navit_clip.compare.run import parse_jobs
+
+    assert parse_jobs(3) == 3
+    with pytest.raises(InputError, match="--jobs must be at least 1"):
+        parse_jobs(0)
+
+
 # --- the command, end to end -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -171,11 +249,12 @@ def _state(out: Path) -> dict:
 def test_compare_end_to_end_resumes_without_retraining(small_digits, tmp_path):
     """Killed after its first run is recorded, a rerun of the same command trains nothing again
     (the run's log is untouched) and completes the table, CSV and plots, with the open_clip_train
-    row when open_clip_train is installed."""
+    row when open_clip_train is installed. Two trainings at a time (--jobs 2): the kill also stops
+    the other run mid-way, which the rerun finishes."""
     out = tmp_path / "compare"
     command = [sys.executable, "-m", "navit_clip", "compare", "--shards", small_digits["train_shards"],
                "--eval-shards", small_digits["eval_shards"], "--steps", "4", "--checkpoints", "2", "--seeds", "0",
-               "--recipes", "navit,open_clip", "--budgets", "32,64", "--out", str(out)]
+               "--recipes", "navit,open_clip", "--budgets", "32,64", "--out", str(out), "--jobs", "2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)

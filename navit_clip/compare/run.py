@@ -1,12 +1,18 @@
-"""`navit-clip compare`: run the schedule (compare/schedule.py) job by job under one progress bar,
-record each finished job in OUT/state.json, and write the report from what is recorded."""
+"""`navit-clip compare`: run the schedule (compare/schedule.py) under one progress bar, record each
+finished job in OUT/state.json, and write the report from what is recorded.
+
+Trainings run as child processes, `jobs` at a time (each child gets its share of the cores
+unless OMP_NUM_THREADS is set); this process evaluates each run's checkpoints as soon as its
+training is recorded, and is the only writer of state.json."""
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -14,6 +20,7 @@ from navit_clip.compare import openclip_row, recipes
 from navit_clip.compare.report import write_report
 from navit_clip.compare.schedule import Job, default_budgets, pending, plan
 from navit_clip.compare.state import CompareState
+from navit_clip.errors import InputError
 from navit_clip.eval.datasets import EvalDataset, open_dataset
 from navit_clip.eval.zeroshot import classify, resolve_templates
 
@@ -28,6 +35,7 @@ class Settings:
     out: Path
     budgets: list[int] | None = None  # inference tokens per image (default ¼× to 2× the training budget)
     checkpoints: int = 4  # evaluation points at equal fractions of the training budget
+    jobs: int = 1  # trainings at a time
 
     def recorded(self) -> dict:
         return {"shards": self.shards, "eval_shards": self.eval_shards, "steps": self.steps,
@@ -49,19 +57,62 @@ def compare(settings: Settings, progress: bool = True) -> dict:
     todo = pending(jobs, state.done)
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="compare", unit="job", disable=not progress,
                dynamic_ncols=True)
-    dataset = None
-    for job in todo:
-        bar.set_postfix_str(job.id)
-        if job.kind == "train":
-            result = _train(job, settings)
-        else:
-            dataset = dataset or open_dataset(settings.eval_shards)
-            result = _evaluate(job, settings, dataset)
+    evals = [job for job in todo if job.kind == "eval"]
+    trainings = [job for job in todo if job.kind == "train"]
+    untrained = {job.run for job in trainings}
+    dataset: list[EvalDataset] = []  # opened on the first evaluation
+
+    def evaluate(run: str) -> None:
+        for job in [job for job in evals if job.run == run]:
+            bar.set_postfix_str(job.id)
+            dataset[:] = dataset or [open_dataset(settings.eval_shards)]
+            state.record(job, _evaluate(job, settings, dataset[0]))
+            bar.update(1)
+
+    for run in dict.fromkeys(job.run for job in evals if job.run not in untrained):  # trained before
+        evaluate(run)
+
+    def trained(job: Job, result: dict) -> None:
         state.record(job, result)
         bar.update(1)
+        evaluate(job.run)
+
+    train_runs(trainings, settings, trained)
     bar.close()
     written = write_report(settings.out, state.evaluations(), state.trainings(), notes)
     return {"written": written, "notes": notes, "jobs": len(jobs), "ran": len(todo)}
+
+
+def train_runs(trainings: list[Job], settings: Settings, trained: Callable[[Job, dict], None]) -> None:
+    """Train `trainings`, settings.jobs at a time, each in a child process; call trained(job, result)
+    in this thread as each one finishes (its slot is given to the next training after that call). A
+    failed training starts no other, lets the running ones finish and be recorded, then is raised."""
+    if not trainings:
+        return
+    share_cores(settings.jobs)
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+        waiting, running = list(trainings), {}
+        while waiting or running:
+            while waiting and len(running) < settings.jobs:
+                job = waiting.pop(0)
+                running[pool.submit(_train, job, settings)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                if future.exception() is not None:
+                    waiting.clear()
+                    failure = failure or future.exception()
+                else:
+                    trained(job, future.result())
+    if failure is not None:
+        raise failure
+
+
+def share_cores(jobs: int) -> None:
+    """With several trainings at once, each child takes cores / jobs threads (not all of them)."""
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
 
 def run_dir(settings: Settings, job: Job) -> Path:
@@ -91,7 +142,7 @@ def _evaluate(job: Job, settings: Settings, dataset: EvalDataset) -> dict:
 
 
 def parse_settings(shards: str | None, eval_shards: str | None, steps: int, seeds: str, recipes_text: str, out: str,
-                   budgets: str | None = None, checkpoints: int = 4) -> Settings:
+                   budgets: str | None = None, checkpoints: int = 4, jobs: int = 1) -> Settings:
     """Settings from the command line's words; shards default to the navit recipe's."""
     from navit_clip.compare.schedule import parse_recipes, parse_seeds
     from navit_clip.eval.sweep import parse_budgets
@@ -99,4 +150,11 @@ def parse_settings(shards: str | None, eval_shards: str | None, steps: int, seed
     cfg = recipes.recipe_config("navit")
     return Settings(shards=shards or cfg.data.train_shards, eval_shards=eval_shards or cfg.data.eval_shards, steps=steps, seeds=parse_seeds(seeds),
                     recipes=parse_recipes(recipes_text), out=Path(out),
-                    budgets=parse_budgets(budgets) if budgets else None, checkpoints=checkpoints)
+                    budgets=parse_budgets(budgets) if budgets else None, checkpoints=checkpoints,
+                    jobs=parse_jobs(jobs))
+
+
+def parse_jobs(jobs: int) -> int:
+    if jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {jobs}")
+    return jobs
