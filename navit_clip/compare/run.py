@@ -60,13 +60,14 @@ def compare(settings: Settings, progress: bool = True) -> dict:
     evals = [job for job in todo if job.kind == "eval"]
     trainings = [job for job in todo if job.kind == "train"]
     untrained = {job.run for job in trainings}
-    dataset: list[EvalDataset] = []  # opened on the first evaluation
+    dataset: EvalDataset | None = None  # opened on the first evaluation
 
     def evaluate(run: str) -> None:
+        nonlocal dataset
         for job in [job for job in evals if job.run == run]:
             bar.set_postfix_str(job.id)
-            dataset[:] = dataset or [open_dataset(settings.eval_shards)]
-            state.record(job, _evaluate(job, settings, dataset[0]))
+            dataset = dataset or open_dataset(settings.eval_shards)
+            state.record(job, _evaluate(job, settings, dataset))
             bar.update(1)
 
     for run in dict.fromkeys(job.run for job in evals if job.run not in untrained):  # trained before

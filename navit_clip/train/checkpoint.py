@@ -60,14 +60,17 @@ def safe_checkpoint_engine(config_params: Any):
     return SafeCheckpointEngine(config_params=config_params)
 
 
-def safe_load(path: str | Path, map_location: Any = None) -> Any:
+_torch_load = torch.load  # torch's own, also while train/universal.py routes torch.load here
+
+
+def safe_load(path: str | Path, map_location: Any = None, **options: Any) -> Any:
     """torch.load with weights_only=True; DeepSpeed's plain-data classes are allowed (importing
     DeepSpeed) only for a file that holds them, such as a ZeRO optimizer shard."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location=map_location, weights_only=True, **options)
     except pickle.UnpicklingError:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load(path, map_location=map_location, weights_only=True, **options)
 
 
 def step_tag(step: int) -> str:

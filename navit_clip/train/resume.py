@@ -21,11 +21,11 @@ from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE
 from navit_clip.errors import CheckpointError, UserError
 from navit_clip.train.checkpoint import latest_tag, load_rng_state, step_tag, tag_step
 from navit_clip.train.elastic import LAYOUT_KEYS
-from navit_clip.train.universal import UNIVERSAL_DIR, weights_only_loads
 from navit_clip.train.manifest import checkpoint_problem, has_manifest
 from navit_clip.train.save import CONFIG_FILE
 from navit_clip.train.schedule import restore_horizon
 from navit_clip.train.metrics import truncate_jsonl
+from navit_clip.train.universal import UNIVERSAL_DIR, weights_only_loads
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 
 from navit_clip import dist
 from navit_clip.errors import CheckpointError, UserError
-from navit_clip.train.checkpoint import deepspeed_safe_globals, step_tag
+from navit_clip.train.checkpoint import safe_load, step_tag
 from navit_clip.train.manifest import saved_world_size
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ def needs_universal(tag_dir: Path, stage: int) -> bool:
 
 @contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Every torch.load inside the block loads with weights_only=True, whatever its caller asked."""
+    """Every torch.load inside the block is our checkpoint loader (`safe_load`: weights_only=True),
+    whatever its caller asked."""
     original = torch.load
 
-    def load(f: Any, map_location: Any = None, *args: Any, weights_only: Any = None, **kwargs: Any) -> Any:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return original(f, map_location, *args, weights_only=True, **kwargs)
+    def load(f: Any, map_location: Any = None, *, weights_only: Any = None, **options: Any) -> Any:
+        return safe_load(f, map_location, **options)
 
     torch.load = load
     try:
