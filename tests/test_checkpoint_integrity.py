@@ -135,6 +135,7 @@ def _decide_on_every_rank(rank: int, port: int, root: str) -> None:
         except UserError as exc:
             results[case] = f"{type(exc).__name__}: {exc}"
     Path(root, f"rank{rank}.json").write_text(json.dumps(results))
+    torch.distributed.barrier()  # a rank that tears down while its peer still sends can abort inside gloo
     torch.distributed.destroy_process_group()
 
 

@@ -217,6 +217,7 @@ def _rank_worker(rank: int, port: int, shards: str, out: str, steps: int) -> Non
         images.append(batch.num_images)
         assert total.item() == WORLD * spec.sequences_per_batch
     torch.save({"images": images, "keys": []}, Path(out) / f"rank{rank}.pt")
+    tdist.barrier()  # a rank that tears down while its peer still sends can abort inside gloo
     tdist.destroy_process_group()
 
 
