@@ -191,3 +191,36 @@ def test_export_carries_the_tokenizer(sp_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(encoder.tokenize(MULTILINGUAL), tokens)
         torch.testing.assert_close(encoder(encoder.tokenize(MULTILINGUAL)), expected, atol=1e-5, rtol=1e-5)
+
+
+def untrimmed(model: TextTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The tower run over every column of `tokens` (padding included), pooled as the model pools."""
+    from navit_clip.model.text import _masked_attend, causal_attend, end_positions
+
+    end = end_positions(tokens, model.end_token_id)
+    inside = torch.arange(tokens.shape[-1]) <= end[:, None]
+    attend = causal_attend if model.cfg.causal else _masked_attend(inside)
+    x = model.token_emb(tokens) + model.pos_emb[:tokens.shape[-1]]
+    for block in model.blocks:
+        x = block(x, attend)
+    x = model.norm(x)
+    if model.cfg.pooling == "mean":
+        return (x * inside[..., None]).sum(1) / inside.sum(1, keepdim=True)
+    return x[torch.arange(len(tokens)), end]
+
+
+@pytest.mark.parametrize("causal, pooling", [(True, "last"), (False, "last"), (False, "mean")])
+def test_columns_after_the_longest_caption_are_not_computed(causal, pooling):
+    """Short captions padded to the context length run at their batch's longest length, with the
+    outputs of the tower run over the whole padded width."""
+    model = tower(vocab=100, end_token_id=3, causal=causal, pooling=pooling)
+    tokens = torch.tensor([[2, 40, 41, 3, 0, 0, 0, 0, 0, 0], [2, 50, 51, 52, 53, 3, 0, 0, 0, 0],
+                           [2, 60, 3, 0, 0, 0, 0, 0, 0, 0]])
+    widths = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    with torch.no_grad():
+        out = model(tokens)
+    hook.remove()
+    assert widths == [6]  # the longest caption: 5 tokens and its end token
+    with torch.no_grad():
+        torch.testing.assert_close(out, untrimmed(model, tokens), atol=1e-5, rtol=1e-5)

@@ -49,8 +49,11 @@ class TextTransformer(nn.Module):
         if tokens.shape[-1] > self.cfg.context_length:
             raise ValueError(f"captions have {tokens.shape[-1]} tokens, more than "
                              f"model.text.context_length={self.cfg.context_length}")
-        T = tokens.shape[-1]
         end = end_positions(tokens, self.end_token_id)
+        # Nothing after the longest caption's end is ever read (causal, or masked and unpooled):
+        # dropping those columns makes short captions cheap without changing any output.
+        T = int(end.max()) + 1 if len(tokens) else tokens.shape[-1]
+        tokens = tokens[:, :T]
         inside = torch.arange(T, device=tokens.device) <= end[:, None]  # [n, T]: the caption, end included
         attend = causal_attend if self.cfg.causal else _masked_attend(inside)
         x = self.token_emb(tokens) + self.pos_emb[:T]
