@@ -108,6 +108,7 @@ class ResolutionConfig:
     ramp_start_tokens: int = 0  # > 0: the budget grows from this to max_tokens ...
     ramp_steps: int = 0  # ... over this many steps
     square_fit: SquareFit = "crop"  # square mode: how an image becomes R×R, R = patch size · sqrt(max_tokens)
+    skip_blank_below: int = 0  # > 0: patches whose pixels span fewer grey levels are not tokens (docs/data.md)
 
 
 @dataclass
@@ -237,6 +238,7 @@ class Config:
             ("data.resolution.min_tokens", 1 <= r.min_tokens <= r.max_tokens,
              "must be in [1, data.resolution.max_tokens]"),
             ("data.resolution.side_std", r.side_std > 0, "must be > 0"),
+            ("data.resolution.skip_blank_below", 0 <= r.skip_blank_below <= 256, "must be in [0, 256]"),
             ("data.resolution.max_tokens", r.mode != "square" or math.isqrt(r.max_tokens) ** 2 == r.max_tokens,
              "must be a square number in data.resolution.mode=square (the image is sqrt(max_tokens) patches a side)"),
             ("data.max_images", d.max_images >= 1, "must be >= 1"),

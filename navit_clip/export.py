@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,7 @@ from navit_clip.batch import PackedBatch
 from navit_clip.config import ResolutionConfig, TextConfig, VisionConfig, config_from_dict, config_to_dict
 from navit_clip.data.packing import pack
 from navit_clip.data.patches import patch_image
-from navit_clip.data.resolution import ResolutionPolicy, inference_policy
+from navit_clip.data.resolution import ImageSizing
 from navit_clip.data.text import CLIP_BPE, TOKENIZER_FILE, cached_tokenizer
 from navit_clip.errors import InputError, MissingInputError
 from navit_clip.model.clip import NaViTCLIP
@@ -52,10 +53,10 @@ class ImageEncoder(ImageTower):
     """The image tower with the packing limits it was trained with, so it also takes plain images."""
 
     def __init__(self, *, vision: VisionConfig, embed_dim: int, max_tokens_per_image: int, seq_len: int,
-                 max_images: int, resolution_mode: str = "native", square_fit: str = "crop") -> None:
+                 max_images: int, sizing: ImageSizing = ImageSizing()) -> None:
         super().__init__(vision, embed_dim)
         self.max_tokens_per_image, self.seq_len, self.max_images = max_tokens_per_image, seq_len, max_images
-        self.resolution_mode, self.square_fit = resolution_mode, square_fit  # how plain images are sized
+        self.sizing = sizing  # how plain images become tokens, as in training
 
     def pack_images(self, images: Sequence[torch.Tensor | Image.Image], max_tokens: int | None = None) -> PackedBatch:
         """Images ([C, H, W] uint8 or float in [0, 1], or PIL) -> PackedBatch whose slot keys are
@@ -66,9 +67,7 @@ class ImageEncoder(ImageTower):
         budget = max_tokens or self.max_tokens_per_image
         if budget > self.seq_len:
             raise ValueError(f"max_tokens={budget} exceeds the sequence length {self.seq_len}")
-        policy = inference_policy(ResolutionPolicy(patch_size=self.cfg.patch_size, max_tokens=budget,
-                                                   max_side=self.cfg.max_grid_side, mode=self.resolution_mode,
-                                                   square_fit=self.square_fit))
+        policy = self.sizing.policy(patch_size=self.cfg.patch_size, max_side=self.cfg.max_grid_side, max_tokens=budget)
         examples = [patch_image(str(index), (image if isinstance(image, Image.Image) else _to_pil(image, index))
                                 .convert("RGB"), policy) for index, image in enumerate(images)]
         return pack(examples, self.seq_len, self.max_images)
@@ -250,18 +249,17 @@ def load_image_encoder(path: str | Path, device: str | torch.device = "cpu") -> 
 def _image_encoder(config: dict) -> ImageEncoder:
     return ImageEncoder(vision=config_from_dict(VisionConfig, config["vision"]), embed_dim=config["embed_dim"],
                         max_tokens_per_image=config["max_tokens_per_image"], seq_len=config["seq_len"],
-                        max_images=config["max_images"], **_resolution(config))
+                        max_images=config["max_images"], sizing=_sizing(config))
 
 
 def _resolution_entry(resolution: ResolutionConfig | None) -> dict:
-    resolution = resolution or ResolutionConfig()
-    return {"mode": "square" if resolution.mode == "square" else "native", "square_fit": resolution.square_fit}
+    return asdict(ImageSizing.of(resolution or ResolutionConfig()))
 
 
-def _resolution(config: dict) -> dict:
-    """How the export sizes plain images; exports without the entry are NaViT's native sizing."""
-    entry = config.get("resolution") or {}
-    return {"resolution_mode": entry.get("mode", "native"), "square_fit": entry.get("square_fit", "crop")}
+def _sizing(config: dict) -> ImageSizing:
+    """How the export makes tokens of plain images; an entry of an earlier export lacks the keys
+    added since (their defaults: NaViT's native sizing, every patch kept)."""
+    return ImageSizing(**(config.get("resolution") or {}))
 
 
 def _text_encoder(config: dict) -> TextEncoder:

@@ -98,3 +98,70 @@ def test_patches_are_contiguous_and_independent():
     before = np.asarray(image).copy()
     patches[:] = 0
     np.testing.assert_array_equal(np.asarray(image), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blank patches: data.resolution.skip_blank_below
+# ---------------------------------------------------------------------------------------------
+
+def canvas_with_mark(width: int = 64, height: int = 24, mark: tuple[int, int] = (44, 12), jpeg_noise: int = 0,
+                     seed: int = 0) -> Image.Image:
+    """A flat grey canvas (± jpeg_noise levels of noise) with one 6×6 bright square at `mark` (x, y)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((height, width, 3), 60, dtype=np.int16) + rng.integers(-jpeg_noise, jpeg_noise + 1, (height, width, 3))
+    x, y = mark
+    pixels[y:y + 6, x:x + 6] = 230
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("below, noise", [(16, 0), (16, 5), (1, 0)])
+def test_blank_patches_are_left_out_and_the_rest_keep_their_place(below, noise):
+    from navit_clip.data.patches import patch_image
+    from navit_clip.data.resolution import ResolutionPolicy
+
+    image = canvas_with_mark(jpeg_noise=noise)  # 8×3 patches of 8 px; the mark covers (1, 5) (1, 6) (2, 5) (2, 6)
+    whole = patch_image("a", image, ResolutionPolicy(patch_size=8, max_tokens=64, max_side=32))
+    skipped = patch_image("a", image, ResolutionPolicy(patch_size=8, max_tokens=64, max_side=32, skip_blank_below=below))
+    assert whole.num_tokens == 24 and skipped.grid == whole.grid == (3, 8)
+    assert sorted(map(tuple, skipped.coords.tolist())) == [(1, 5), (1, 6), (2, 5), (2, 6)]
+    kept_rows = [int(np.flatnonzero((whole.coords == c).all(1))[0]) for c in skipped.coords]
+    np.testing.assert_array_equal(skipped.patches, whole.patches[kept_rows])  # the same pixels, unchanged
+
+
+def test_an_image_with_nothing_but_blank_keeps_its_most_varied_patch():
+    from navit_clip.data.patches import non_blank
+
+    patches = np.full((5, 12), 100, dtype=np.uint8)
+    patches[3, 0] = 104  # spread 4, the largest; still below 16
+    assert non_blank(patches, 16).tolist() == [False, False, False, True, False]
+    assert non_blank(patches, 4).tolist() == [False, False, False, True, False]
+    assert non_blank(patches, 5).sum() == 1
+
+
+def test_evaluation_and_the_export_leave_out_what_training_left_out(tmp_path):
+    """The training run's sizing travels to evaluation's towers and into the export's config, and
+    the exported encoder packs a plain image into the same tokens as the training stream."""
+    import torch
+
+    from navit_clip.config import load_config
+    from navit_clip.data.patches import patch_image
+    from navit_clip.data.resolution import ImageSizing
+    from navit_clip.data.spec import stream_spec
+    from navit_clip.eval.towers import from_training_model
+    from navit_clip.export import export_image_encoder, load_image_encoder
+    from navit_clip.model.clip import NaViTCLIP
+
+    cfg = load_config(None, ["data.resolution.skip_blank_below=16", "model.vision.width=32", "model.vision.depth=1",
+                             "model.vision.heads=2", "model.text.width=32", "model.text.depth=1", "model.text.heads=2"])
+    model = NaViTCLIP(cfg.model)
+    assert from_training_model(model, cfg).sizing == ImageSizing(skip_blank_below=16)
+    path = export_image_encoder(model, tmp_path / "export", max_tokens_per_image=cfg.data.resolution.max_tokens,
+                                seq_len=cfg.data.seq_len, max_images=cfg.data.max_images, resolution=cfg.data.resolution)
+    encoder = load_image_encoder(path)
+    assert encoder.sizing == ImageSizing(skip_blank_below=16)
+    image = canvas_with_mark()
+    batch = encoder.pack_images([image])
+    trained = patch_image("0", image, stream_spec(cfg).resolution)
+    image_tokens = batch.segment[0] == 0
+    assert int(image_tokens.sum()) == trained.num_tokens == 4
+    assert torch.equal(batch.coords[0][image_tokens], torch.from_numpy(trained.coords))

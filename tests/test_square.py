@@ -186,7 +186,8 @@ def test_eval_and_export_of_a_square_model_embed_squares(tmp_path):
 
     path = export_image_encoder(model, tmp_path / "export", max_tokens_per_image=64, seq_len=64, max_images=1,
                                 resolution=cfg.data.resolution)
-    assert json.loads((path / "config.json").read_text())["resolution"] == {"mode": "square", "square_fit": "crop"}
+    assert json.loads((path / "config.json").read_text())["resolution"] == {"mode": "square", "square_fit": "crop",
+                                                                       "skip_blank_below": 0}
     encoder = load_image_encoder(path)
     batch = encoder.pack_images(images)
     assert batch.grid[:, 0].tolist() == [[8, 8]] * len(images)

@@ -37,6 +37,17 @@ def patchify(image: Image.Image, rows: int, cols: int, patch_size: int) -> tuple
     return np.ascontiguousarray(patches), coords.astype(np.int64)
 
 
+def non_blank(patches: np.ndarray, below: int) -> np.ndarray:
+    """[N] bool: patches whose pixel values span at least `below` levels (max - min over the patch's
+    pixels and channels). A blank canvas, a flat border or letterboxing says nothing about the
+    image and costs a token each; an image with nothing else keeps its most varied patch."""
+    spread = patches.max(axis=1).astype(np.int16) - patches.min(axis=1)
+    keep = spread >= below
+    if not keep.any():
+        keep[int(spread.argmax())] = True
+    return keep
+
+
 def unpatchify(patches: np.ndarray, rows: int, cols: int, patch_size: int, channels: int = 3) -> np.ndarray:
     """Inverse of `patchify`: [rows*cols, P*P*C] -> [rows*P, cols*P, C] image array."""
     return rearrange(patches, "(h w) (p1 p2 c) -> (h p1) (w p2) c", h=rows, w=cols, p1=patch_size,
@@ -60,12 +71,15 @@ def square_view(image: Image.Image, side: int, fit: str = "crop") -> Image.Image
 def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray = NO_TEXT,
                 rng: np.random.Generator | None = None, step: int = 0,
                 native_size: tuple[int, int] | None = None) -> PatchedImage:
-    """Size an RGB image by the policy (from its native size if it was decoded smaller) and cut
-    it into patches."""
+    """Size an RGB image by the policy (from its native size if it was decoded smaller), cut it
+    into patches and leave out the blank ones if the policy says so."""
     rows, cols = policy.grid_for(*(native_size or image.size), rng=rng, step=step)
     if policy.mode == "square":
         image = square_view(image, rows * policy.patch_size, policy.square_fit)
     patches, coords = patchify(image, rows, cols, policy.patch_size)
+    if policy.skip_blank_below > 0:
+        keep = non_blank(patches, policy.skip_blank_below)
+        patches, coords = patches[keep], coords[keep]
     return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
 
 

@@ -49,6 +49,9 @@ class ResolutionPolicy:
     sqrt(max_tokens) patches a side (not capped at max_side: a learned table is interpolated), made
     by `square_fit` (crop: shorter side to R, then the centre R×R; squash: resized to R×R).
 
+    With `skip_blank_below` > 0 an image's blank patches (flat canvas, borders) are not tokens,
+    in training and at inference alike; its grid and every kept patch's place stay as they are.
+
     A per-step schedule: with `ramp_steps` > 0 the upper budget grows linearly from
     `ramp_start_tokens` at step 0 to max_tokens at step `ramp_steps` (low resolution first).
 
@@ -65,6 +68,7 @@ class ResolutionPolicy:
     ramp_start_tokens: int = 0
     ramp_steps: int = 0
     square_fit: SquareFit = "crop"
+    skip_blank_below: int = 0  # patches whose pixel values span fewer levels are left out (patches.py)
 
     def max_tokens_at(self, step: int) -> int:
         if self.ramp_steps <= 0 or step >= self.ramp_steps or self.ramp_start_tokens <= 0:
@@ -119,3 +123,24 @@ def inference_policy(policy: ResolutionPolicy, max_tokens: int | None = None) ->
     trained; any other sees each image at its native size shrunk to the budget (never sampled)."""
     mode = "square" if policy.mode == "square" else "native"
     return replace(policy, mode=mode, ramp_steps=0, max_tokens=max_tokens or policy.max_tokens)
+
+
+@dataclass(frozen=True)
+class ImageSizing:
+    """How a trained model turns a plain image into tokens at inference (evaluation, the export):
+    the choices its training made, without the sampling. Kept with the model; `policy` makes the
+    ResolutionPolicy for a budget."""
+
+    mode: ResolutionMode = "native"  # native, or square for a square model
+    square_fit: SquareFit = "crop"
+    skip_blank_below: int = 0
+
+    @classmethod
+    def of(cls, resolution) -> ImageSizing:
+        """From training's data.resolution (a ResolutionConfig or ResolutionPolicy)."""
+        return cls(mode="square" if resolution.mode == "square" else "native", square_fit=resolution.square_fit,
+                   skip_blank_below=resolution.skip_blank_below)
+
+    def policy(self, *, patch_size: int, max_side: int, max_tokens: int) -> ResolutionPolicy:
+        return ResolutionPolicy(patch_size=patch_size, max_tokens=max_tokens, max_side=max_side, mode=self.mode,
+                                square_fit=self.square_fit, skip_blank_below=self.skip_blank_below)

@@ -14,7 +14,6 @@ from tqdm import tqdm
 
 from navit_clip.data.packing import StreamingPacker
 from navit_clip.data.patches import patch_image
-from navit_clip.data.resolution import ResolutionPolicy, inference_policy
 from navit_clip.data.shards import ReadStats
 from navit_clip.errors import InputError
 from navit_clip.eval.datasets import EvalDataset
@@ -57,8 +56,7 @@ def embed_images(towers: Towers, dataset: EvalDataset, budget: int | None = None
     budget = check_budget(towers, budget)
     if towers.encode_images is not None:
         return _embed_whole_images(towers, dataset, budget, progress, desc)
-    policy = inference_policy(ResolutionPolicy(patch_size=towers.patch_size, max_tokens=budget, max_side=towers.max_side,
-                                               mode=towers.resolution_mode, square_fit=towers.square_fit))
+    policy = towers.sizing.policy(patch_size=towers.patch_size, max_side=towers.max_side, max_tokens=budget)
     packer = StreamingPacker(seq_len=towers.seq_len, max_images=towers.max_images,
                              sequences_per_batch=towers.sequences_per_batch, open_sequences=towers.open_sequences)
     stats = ReadStats()

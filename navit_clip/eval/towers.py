@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from navit_clip.batch import PackedBatch
+from navit_clip.data.resolution import ImageSizing
 from navit_clip.data.text import CLIP_BPE, cached_tokenizer
 from navit_clip.errors import InputError, MissingInputError
 
@@ -33,8 +34,7 @@ class Towers:
     open_sequences: int = 8
     cfg: object | None = None  # the training Config, for a training run
     tokenizer: str = CLIP_BPE  # model.text.tokenizer: clip-bpe or the SentencePiece file kept with the model
-    resolution_mode: str = "native"  # data.resolution.mode of training; square models see squares (inference_policy)
-    square_fit: str = "crop"  # data.resolution.square_fit
+    sizing: ImageSizing = ImageSizing()  # how training made tokens of an image: square or native, blank patches
     # A model that takes whole images instead of packed batches (e.g. a fixed-square ViT):
     # (images, token budget) -> (normalized [n, D], image tokens encoded).
     encode_images: Callable[[list[Image.Image], int], tuple[torch.Tensor, int]] | None = None
@@ -61,7 +61,7 @@ def from_training_model(model, cfg, device: torch.device | str = "cpu", name: st
                   seq_len=cfg.data.seq_len, max_images=cfg.data.max_images,
                   max_tokens_per_image=cfg.data.resolution.max_tokens, device=device, step=step, cfg=cfg,
                   sequences_per_batch=cfg.eval.sequences_per_batch, open_sequences=cfg.data.packing.open_sequences,
-                  resolution_mode=cfg.data.resolution.mode, square_fit=cfg.data.resolution.square_fit)
+                  sizing=ImageSizing.of(cfg.data.resolution))
 
 
 def load_towers(path: str | Path, tag: str | None = None, device: torch.device | str = "cpu",
@@ -100,4 +100,4 @@ def _from_export(path: Path, device: torch.device) -> Towers:
                   patch_size=image.cfg.patch_size, max_side=image.cfg.max_grid_side,
                   seq_len=image.seq_len, max_images=image.max_images,
                   max_tokens_per_image=image.max_tokens_per_image, device=device,
-                  resolution_mode=image.resolution_mode, square_fit=image.square_fit)
+                  sizing=image.sizing)
