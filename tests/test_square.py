@@ -107,7 +107,7 @@ def test_square_config_checks_and_the_comparison_configs():
     assert all(k.startswith(("data.", "model.vision.posemb", "model.vision.max_grid_side", "train.out_dir",
                              "eval.sequences_per_batch")) for k in differ), differ
     tokens = [c["data.sequences_per_batch"] * c["data.seq_len"] for c in (navit, square)]
-    assert tokens[0] == tokens[1] == 2048
+    assert tokens[0] <= tokens[1] == 2048  # NaViT never gets more image-token slots than the square recipe
 
 
 def test_square_stream_is_one_square_image_per_sequence(tiny_shards):

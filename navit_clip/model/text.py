@@ -32,11 +32,23 @@ def end_positions(tokens: torch.Tensor, end_token_id: int) -> torch.Tensor:
     return torch.where(is_end.any(dim=-1), is_end.int().argmax(dim=-1), last_token)
 
 
+def end_token(cfg: TextConfig) -> int:
+    """model.text.end_token_id, or the last id (CLIP's BPE) when it is -1."""
+    return cfg.end_token_id if cfg.end_token_id >= 0 else cfg.vocab_size - 1
+
+
+def text_width(tokens: torch.Tensor, end_token_id: int) -> int:
+    """The columns the tower runs on: up to the batch's longest caption, its end token included.
+    Nothing after it is ever read (causal, or masked and unpooled), so short captions cost their
+    length, not the context's."""
+    return int(end_positions(tokens, end_token_id).max()) + 1 if len(tokens) else tokens.shape[-1]
+
+
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.end_token_id = cfg.end_token_id if cfg.end_token_id >= 0 else cfg.vocab_size - 1
+        self.end_token_id = end_token(cfg)
         self.token_emb = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_emb = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
         self.blocks = nn.ModuleList(Block(dim=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
@@ -49,11 +61,9 @@ class TextTransformer(nn.Module):
         if tokens.shape[-1] > self.cfg.context_length:
             raise ValueError(f"captions have {tokens.shape[-1]} tokens, more than "
                              f"model.text.context_length={self.cfg.context_length}")
-        end = end_positions(tokens, self.end_token_id)
-        # Nothing after the longest caption's end is ever read (causal, or masked and unpooled):
-        # dropping those columns makes short captions cheap without changing any output.
-        T = int(end.max()) + 1 if len(tokens) else tokens.shape[-1]
+        T = text_width(tokens, self.end_token_id)
         tokens = tokens[:, :T]
+        end = end_positions(tokens, self.end_token_id)
         inside = torch.arange(T, device=tokens.device) <= end[:, None]  # [n, T]: the caption, end included
         attend = causal_attend if self.cfg.causal else _masked_attend(inside)
         x = self.token_emb(tokens) + self.pos_emb[:T]

@@ -6,7 +6,7 @@ included wherever the layer runs on them (the linear layers of the image tower s
 slots, its projection all S·E_max slots), and attention at each image's real length: packed
 attention is per image, so a block costs 4·n²·width for an image of n tokens (QKᵀ and AV), and
 the same for each run of padding tokens (they attend to each other). The text tower runs on
-the valid slots' captions at the batch's text length; its causal attention is counted as the
+the valid slots' captions at the length of the batch's longest one; its causal attention is counted as the
 full T² square the kernel computes. Not counted: norms, activations, softmax, embedding
 lookups, the pooling's scatter sums and the loss. Backward is counted as 2× forward, so a
 micro-batch trained costs 3× its forward.
@@ -21,6 +21,7 @@ import torch
 from navit_clip.batch import PackedBatch
 from navit_clip.config import ModelConfig, TextConfig, VisionConfig
 from navit_clip.model.packed_sdpa import token_groups
+from navit_clip.model.text import end_token, text_width
 
 BACKWARD_PER_FORWARD = 2.0
 
@@ -62,7 +63,12 @@ def text_forward(cfg: TextConfig, embed_dim: int, captions: int, length: int) ->
 def forward_flops(cfg: ModelConfig, batch: PackedBatch) -> dict[str, float]:
     """-> {"vision": ..., "text": ...}: forward FLOPs of each tower on this batch."""
     return {"vision": vision_forward(cfg.vision, cfg.embed_dim, batch.segment, batch.max_images),
-            "text": text_forward(cfg.text, cfg.embed_dim, int(batch.valid.sum()), batch.text.shape[-1])}
+            "text": text_forward(cfg.text, cfg.embed_dim, int(batch.valid.sum()), trained_text_width(cfg.text, batch))}
+
+
+def trained_text_width(cfg: TextConfig, batch: PackedBatch) -> int:
+    """The caption length the text tower runs at on this batch's valid slots (model/text.py)."""
+    return text_width(batch.text.flatten(0, 1)[batch.valid.flatten()], end_token(cfg))
 
 
 def training_flops(cfg: ModelConfig, batch: PackedBatch) -> float:
