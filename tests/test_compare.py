@@ -47,10 +47,10 @@ def test_openclip_model_builds_with_64_patches_and_our_parameter_count_order(tmp
 
 
 def test_openclip_train_args_match_the_budget(tmp_path):
-    cfg = load_config(DEFAULT)
+    cfg = load_config(CONFIG_DIR / "compare" / "square.yaml")  # the sizes compare gives open_clip_train
     args = openclip_row.train_args(cfg, tmp_path, "shards-{0..1}.tar", steps=1000, checkpoints=4, seed=3)
     value = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
-    assert openclip_row.images_per_step(cfg) == 32  # 8 sequences × 256 tokens / 64 tokens per square image
+    assert openclip_row.images_per_step(cfg) == 32  # 32 sequences × 64 tokens / 64 tokens per square image
     assert value["--batch-size"] == "32" and value["--epochs"] == "4"
     assert int(value["--train-num-samples"]) * 4 // 32 == 1000  # steps = samples per epoch / batch × epochs
     assert (value["--lr"], value["--wd"], value["--warmup"], value["--seed"]) == ("0.001", "0.1", "50", "3")
