@@ -18,7 +18,6 @@ from navit_clip.config_load import (CONFIG_DIR, REPO_ROOT, ConfigError, config_f
                                     config_to_dict, parse_overrides, read_yaml_file, resolve_path)
 from navit_clip.config_load import keys_set as _keys_set, merge as _merge, preset_named as _preset_named, vision_preset
 
-
 # The `reference` attention is a test oracle (model/attention.py), not a choice for training.
 AttentionBackend = Literal["auto", "sdpa_bucketed", "sdpa_per_image", "sdpa", "flex", "flash"]
 PosembKind = Literal["learned", "sinusoidal", "fourier", "learned_2d"]
@@ -235,8 +234,7 @@ class Config:
             ("model.vision.max_grid_side", v.max_grid_side >= 1, "must be >= 1"),
             ("model.loss_chunk_size", self.model.loss_chunk_size >= 1, "must be >= 1"),
             ("data.resolution.max_tokens", 1 <= r.max_tokens <= d.seq_len, "must be in [1, data.seq_len]"),
-            ("data.resolution.min_tokens", 1 <= r.min_tokens <= r.max_tokens,
-             "must be in [1, data.resolution.max_tokens]"),
+            ("data.resolution.min_tokens", 1 <= r.min_tokens <= r.max_tokens, "must be in [1, data.resolution.max_tokens]"),
             ("data.resolution.side_std", r.side_std > 0, "must be > 0"),
             ("data.resolution.skip_blank_below", 0 <= r.skip_blank_below <= 256, "must be in [0, 256]"),
             ("data.resolution.max_tokens", r.mode != "square" or math.isqrt(r.max_tokens) ** 2 == r.max_tokens,

@@ -373,7 +373,8 @@ def test_every_resolution_and_drop_key_reaches_its_policy():
     from navit_clip.data.spec import stream_spec
 
     changed = {"resolution": {"mode": "sampled", "max_tokens": 65, "min_tokens": 8, "side_mean": 0.25,
-                              "side_std": 0.125, "ramp_start_tokens": 1, "ramp_steps": 1, "square_fit": "squash"},
+                              "side_std": 0.125, "ramp_start_tokens": 1, "ramp_steps": 1, "square_fit": "squash",
+                              "skip_blank_below": 16},
                "drop": {"kind": "constant", "rate": 0.25, "beta_a": 0.5, "beta_b": 0.5, "max_rate": 0.25,
                         "ramp_start": 0.5, "ramp_steps": 1}}
     for section, config_cls in (("resolution", ResolutionConfig), ("drop", DropConfig)):
