@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from navit_clip.config import RESOLUTION_MODES, ResolutionMode, SquareFit
+from navit_clip.config import RESOLUTION_MODES, ResolutionConfig, ResolutionMode, SquareFit
 
 
 def fit_grid(width: int, height: int, patch_size: int, max_tokens: int, max_side: int) -> tuple[int, int]:
@@ -121,8 +121,7 @@ class ResolutionPolicy:
 def inference_policy(policy: ResolutionPolicy, max_tokens: int | None = None) -> ResolutionPolicy:
     """How evaluation and export size an image: a square model sees squares made the way it was
     trained; any other sees each image at its native size shrunk to the budget (never sampled)."""
-    mode = "square" if policy.mode == "square" else "native"
-    return replace(policy, mode=mode, ramp_steps=0, max_tokens=max_tokens or policy.max_tokens)
+    return replace(policy, mode=ImageSizing.of(policy).mode, ramp_steps=0, max_tokens=max_tokens or policy.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ class ImageSizing:
     skip_blank_below: int = 0
 
     @classmethod
-    def of(cls, resolution) -> ImageSizing:
+    def of(cls, resolution: ResolutionConfig | ResolutionPolicy) -> ImageSizing:
         """From training's data.resolution (a ResolutionConfig or ResolutionPolicy)."""
         return cls(mode="square" if resolution.mode == "square" else "native", square_fit=resolution.square_fit,
                    skip_blank_below=resolution.skip_blank_below)

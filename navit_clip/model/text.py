@@ -37,11 +37,11 @@ def end_token(cfg: TextConfig) -> int:
     return cfg.end_token_id if cfg.end_token_id >= 0 else cfg.vocab_size - 1
 
 
-def text_width(tokens: torch.Tensor, end_token_id: int) -> int:
-    """The columns the tower runs on: up to the batch's longest caption, its end token included.
-    Nothing after it is ever read (causal, or masked and unpooled), so short captions cost their
-    length, not the context's."""
-    return int(end_positions(tokens, end_token_id).max()) + 1 if len(tokens) else tokens.shape[-1]
+def text_width(end: torch.Tensor, padded_width: int) -> int:
+    """The columns the tower runs on, from each caption's end position (`end_positions`): up to the
+    batch's longest caption, its end token included. Nothing after it is ever read (causal, or
+    masked and unpooled), so short captions cost their length, not the context's."""
+    return int(end.max()) + 1 if len(end) else padded_width
 
 
 class TextTransformer(nn.Module):
@@ -61,9 +61,9 @@ class TextTransformer(nn.Module):
         if tokens.shape[-1] > self.cfg.context_length:
             raise ValueError(f"captions have {tokens.shape[-1]} tokens, more than "
                              f"model.text.context_length={self.cfg.context_length}")
-        T = text_width(tokens, self.end_token_id)
+        end = end_positions(tokens, self.end_token_id)  # the same positions once the columns after them go
+        T = text_width(end, tokens.shape[-1])
         tokens = tokens[:, :T]
-        end = end_positions(tokens, self.end_token_id)
         inside = torch.arange(T, device=tokens.device) <= end[:, None]  # [n, T]: the caption, end included
         attend = causal_attend if self.cfg.causal else _masked_attend(inside)
         x = self.token_emb(tokens) + self.pos_emb[:T]

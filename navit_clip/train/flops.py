@@ -21,7 +21,7 @@ import torch
 from navit_clip.batch import PackedBatch
 from navit_clip.config import ModelConfig, TextConfig, VisionConfig
 from navit_clip.model.packed_sdpa import token_groups
-from navit_clip.model.text import end_token, text_width
+from navit_clip.model.text import end_positions, end_token, text_width
 
 BACKWARD_PER_FORWARD = 2.0
 
@@ -68,7 +68,8 @@ def forward_flops(cfg: ModelConfig, batch: PackedBatch) -> dict[str, float]:
 
 def trained_text_width(cfg: TextConfig, batch: PackedBatch) -> int:
     """The caption length the text tower runs at on this batch's valid slots (model/text.py)."""
-    return text_width(batch.text.flatten(0, 1)[batch.valid.flatten()], end_token(cfg))
+    captions = batch.text.flatten(0, 1)[batch.valid.flatten()]
+    return text_width(end_positions(captions, end_token(cfg)), captions.shape[-1])
 
 
 def training_flops(cfg: ModelConfig, batch: PackedBatch) -> float:
