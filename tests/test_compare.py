@@ -222,6 +222,31 @@ def test_a_failed_training_starts_no_other_lets_the_running_finish_and_is_raised
     assert ("start", 2) not in events  # no other was started
 
 
+def test_set_changes_one_recipes_config_and_is_checked_before_anything_trains():
+    from navit_clip.compare.run import parse_overrides
+
+    chosen = ["navit", "square"]
+    overrides = parse_overrides(["navit:data.sequences_per_batch=8", "navit:train.steps=5", "square:optim.lr=0.002"],
+                                chosen)
+    assert overrides == {"navit": ["data.sequences_per_batch=8", "train.steps=5"], "square": ["optim.lr=0.002"]}
+    assert recipe_runs.recipe_config("navit", overrides["navit"]).data.sequences_per_batch == 8
+    assert recipe_runs.recipe_config("navit").data.sequences_per_batch != 8
+    with pytest.raises(InputError, match="RECIPE:KEY=VALUE"):
+        parse_overrides(["data.sequences_per_batch=8"], chosen)
+    with pytest.raises(InputError, match="'open_clip' is not one of the recipes compared"):
+        parse_overrides(["open_clip:optim.lr=0.1"], chosen)
+    with pytest.raises(Exception, match="data.sequences_per_batchh"):
+        parse_overrides(["navit:data.sequences_per_batchh=8"], chosen)
+
+
+def test_a_comparison_is_not_resumed_with_other_recipe_changes(tmp_path):
+    settings = {"shards": "a.tar", "eval_shards": "b.tar", "steps": 8, "checkpoints": 4, "seeds": [0]}
+    CompareState(tmp_path, settings).record(Job("train", "navit", 0), {"kind": "train"})  # recorded without any
+    assert CompareState(tmp_path, {**settings, "overrides": {}}).finished(Job("train", "navit", 0))
+    with pytest.raises(InputError, match="overrides="):
+        CompareState(tmp_path, {**settings, "overrides": {"navit": ["data.sequences_per_batch=8"]}})
+
+
 def test_jobs_must_be_positive():
     from navit_clip.compare.run import parse_jobs
 
@@ -254,7 +279,8 @@ def test_compare_end_to_end_resumes_without_retraining(small_digits, tmp_path):
     out = tmp_path / "compare"
     command = [sys.executable, "-m", "navit_clip", "compare", "--shards", small_digits["train_shards"],
                "--eval-shards", small_digits["eval_shards"], "--steps", "4", "--checkpoints", "2", "--seeds", "0",
-               "--recipes", "navit,open_clip", "--budgets", "32,64", "--out", str(out), "--jobs", "2"]
+               "--recipes", "navit,open_clip", "--budgets", "32,64", "--out", str(out), "--jobs", "2",
+               "--set", "navit:data.sequences_per_batch=3"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -281,6 +307,10 @@ def test_compare_end_to_end_resumes_without_retraining(small_digits, tmp_path):
     assert all(0.0 <= float(r["acc1"]) <= 1.0 for r in rows)
     table = (out / "table.md").read_text()
     assert "| navit (" in table and ("| open_clip (64 tokens) |" in table) == with_openclip
+    assert "navit recipe with data.sequences_per_batch=3" in table
+    trained = json.loads((out / "runs" / "navit-seed0" / "config.json").read_text())
+    assert trained["data"]["sequences_per_batch"] == 3
+    assert {r["train_tokens"] for r in rows if r["recipe"] == "navit" and r["step"] == "2"} == {str(2 * 3 * trained["data"]["seq_len"])}
     if not with_openclip:
         assert "open_clip row skipped" in table
     for png in ("accuracy_vs_compute.png", "accuracy_vs_inference_tokens.png"):

@@ -88,8 +88,8 @@ def test_stream_yields_valid_batches(tiny_shards):
                 assert tuple(batch.grid[s, slot].tolist()) == (rows, cols)
                 where = (batch.segment[s] == slot).nonzero().flatten()
                 assert len(where) == rows * cols
-                # the pixels are the decoded image, resized to its grid and cut into patches
-                expected, coords = patchify(decoded[key].image, rows, cols, 16)
+                # the pixels are the decoded image made RGB, resized to its grid and cut into patches
+                expected, coords = patchify(decoded[key].image.convert("RGB"), rows, cols, 16)
                 got = batch.patches[s, where].numpy()
                 np.testing.assert_array_equal(got, expected)
                 np.testing.assert_array_equal(batch.coords[s, where].numpy(), coords)

@@ -165,3 +165,32 @@ def test_evaluation_and_the_export_leave_out_what_training_left_out(tmp_path):
     image_tokens = batch.segment[0] == 0
     assert int(image_tokens.sum()) == trained.num_tokens == 4
     assert torch.equal(batch.coords[0][image_tokens], torch.from_numpy(trained.coords))
+
+
+@pytest.mark.parametrize("mode", ["native", "sampled", "square"])
+def test_a_greyscale_image_makes_the_patches_of_its_rgb_copy(mode):
+    """A greyscale image is resized as one channel and only then made RGB: the same tokens as
+    converting it first (what every image went through before), for a third of the work."""
+    from navit_clip.data.patches import patch_image
+    from navit_clip.data.resolution import ResolutionPolicy
+
+    policy = ResolutionPolicy(patch_size=8, max_side=32, mode=mode, min_tokens=16, max_tokens=64, skip_blank_below=16)
+    for seed, (width, height) in enumerate([(37, 201), (300, 90), (64, 64), (9, 13)]):
+        grey = canvas_with_mark(jpeg_noise=3, seed=seed).convert("L").resize((width, height))
+        one = patch_image("a", grey, policy, rng=np.random.default_rng(seed))
+        three = patch_image("a", grey.convert("RGB"), policy, rng=np.random.default_rng(seed))
+        assert one.patches.shape[1] == 8 * 8 * 3
+        np.testing.assert_array_equal(one.patches, three.patches)
+        np.testing.assert_array_equal(one.coords, three.coords)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "I;16", "1"])
+def test_any_other_image_mode_becomes_rgb_patches(mode):
+    from navit_clip.data.patches import patch_image
+    from navit_clip.data.resolution import ResolutionPolicy
+
+    image = random_image(40, 24, seed=3).convert(mode)
+    patched = patch_image("a", image, ResolutionPolicy(patch_size=8, max_tokens=64, max_side=32))
+    reference = patch_image("a", image.convert("RGB"), ResolutionPolicy(patch_size=8, max_tokens=64, max_side=32))
+    assert patched.patches.shape == (15, 8 * 8 * 3)
+    np.testing.assert_array_equal(patched.patches, reference.patches)

@@ -124,3 +124,15 @@ def test_pack_shards_records_counts(tiny_shards, tmp_path):
                                                "data.shuffle_buffer=0"], loop=False)
     batches = list(PackedStream(spec))  # read back whole: nothing counted as missing
     assert batches and not any(b.skipped_by_reason for b in batches)
+
+
+def test_written_shards_have_one_plain_header_per_member(tmp_path):
+    """A fractional time stamp would give every member an extended (PAX) header, twice the
+    headers for each reader to parse."""
+    (path,) = write_shards(samples("a", 3), str(tmp_path / "a-%06d.tar"), max_per_shard=PER_SHARD)
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert len(members) == 6  # the png and txt of each of the 3 samples
+    assert all(m.pax_headers == {} and m.mtime == int(m.mtime) for m in members)
+    # a tar block is 512 bytes: a plain header and the padded data, nothing else
+    assert Path(path).stat().st_size <= sum(512 + -(-m.size // 512) * 512 for m in members) + 10240

@@ -24,7 +24,7 @@ from navit_clip.data.shards import (
     split_shards,
 )
 
-from conftest import write_tar
+from conftest import TINY_SHARD_SIZES, write_tar
 
 
 def png(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
@@ -183,7 +183,8 @@ def test_read_tiny_shards_decodes_everything(tiny_shards):
     assert stats.decoded == tiny_shards.count and stats.num_skipped == 0
     for s in samples:
         assert isinstance(s, Sample)
-        assert s.image.mode == "RGB"
+        # a greyscale file stays one channel until it is resized; every other mode becomes RGB
+        assert s.image.mode == ("L" if dict(zip(tiny_shards.keys, TINY_SHARD_SIZES))[s.key][2] == "L" else "RGB")
         assert s.image.size == tiny_shards.sizes[s.key]
         assert s.caption == tiny_shards.captions[s.key]
         assert s.meta == {"label": tiny_shards.labels[s.key]}
@@ -236,7 +237,7 @@ def test_read_samples_skips_and_counts_corrupt(corrupt_shard, tiny_shards):
     by_key = {s.key: s for s in samples}
     assert by_key["good0"].meta == {"label": 3} and by_key["good0"].caption == "a good caption"
     assert by_key["good1"].caption == "unicode caption: café ✓" and by_key["good1"].meta == {}
-    assert by_key["good2"].image.mode == "RGB" and by_key["good2"].image.size == (64, 16)
+    assert by_key["good2"].image.mode == "L" and by_key["good2"].image.size == (64, 16)
     assert not marker.exists()
 
 

@@ -224,3 +224,21 @@ def test_columns_after_the_longest_caption_are_not_computed(causal, pooling):
     assert widths == [6]  # the longest caption: 5 tokens and its end token
     with torch.no_grad():
         torch.testing.assert_close(out, untrimmed(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_a_caption_seen_before_gets_the_same_ids_without_encoding_again(monkeypatch):
+    import navit_clip.data.text as text
+
+    monkeypatch.setattr(text, "KNOWN_CAPTIONS", 2)
+    tokenizer = CaptionTokenizer(CTX)
+    fresh = CaptionTokenizer(CTX)
+    encoded: list[str] = []
+    inner = tokenizer._encode
+    tokenizer._encode = lambda caption: encoded.append(caption) or inner(caption)
+    captions = ["a red cup", "two digits", "a red cup", "a third one", "a third one", "two digits"]
+    for caption in captions:
+        ids = tokenizer.ids(caption)
+        assert ids == fresh.ids(caption)
+        ids.append(-1)  # a caller's list is its own: the kept ids are not changed
+    assert encoded == ["a red cup", "two digits", "a third one", "a third one"]  # only two are kept
+    np.testing.assert_array_equal(tokenizer(captions), fresh(captions))

@@ -6,11 +6,12 @@ import argparse
 
 
 def compare_command(shards: str | None, eval_shards: str | None, steps: int, seeds: str, recipes: str, out: str,
-                    budgets: str | None = None, checkpoints: int = 4, jobs: int = 1) -> dict:
+                    budgets: str | None = None, checkpoints: int = 4, jobs: int = 1,
+                    changes: list[str] | None = None) -> dict:
     """Train the recipes on the same shards to the same budget and write the comparison."""
     from navit_clip.compare.run import compare, parse_settings
 
-    result = compare(parse_settings(shards, eval_shards, steps, seeds, recipes, out, budgets, checkpoints, jobs))
+    result = compare(parse_settings(shards, eval_shards, steps, seeds, recipes, out, budgets, checkpoints, jobs, changes))
     print(f"compare: {result['ran']} of {result['jobs']} jobs run now, the rest were recorded as finished")
     for what, path in result["written"].items():
         print(f"  {what:<14} -> {path}")
@@ -31,4 +32,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", type=int, default=4, help="evaluations during training, at equal fractions")
     p.add_argument("--jobs", type=int, default=1, help="trainings at a time (each in its own process, with "
                                                         "cores / jobs threads unless OMP_NUM_THREADS is set)")
+    p.add_argument("--set", dest="changes", action="append", default=[], metavar="RECIPE:KEY=VALUE",
+                   help="change one recipe's config key for this comparison (repeatable), e.g. "
+                        "navit:data.sequences_per_batch=8 to give it as many token slots a step as square")
     p.set_defaults(handler=compare_command)

@@ -24,9 +24,9 @@ def recipe_config(recipe: str, overrides: list[str] | None = None) -> Config:
     return load_config(str(CONFIG_DIR / "compare" / RECIPE_CONFIGS[recipe]), overrides or [])
 
 
-def training_budget(recipe: str) -> int:
+def training_budget(recipe: str, overrides: list[str] | None = None) -> int:
     """Tokens per image the recipe trains at (the most, for NaViT's sampled resolutions)."""
-    return recipe_config(recipe).data.resolution.max_tokens
+    return recipe_config(recipe, overrides).data.resolution.max_tokens
 
 
 def tokens_per_step(recipe: str, cfg: Config) -> int:
@@ -38,17 +38,19 @@ def tokens_per_step(recipe: str, cfg: Config) -> int:
 
 
 def train_run(recipe: str, run_dir: Path, seed: int, shards: str, eval_shards: str, steps: int,
-              checkpoints: int) -> None:
-    """Train (or finish training) one run; a folder with checkpoints resumes from the latest."""
+              checkpoints: int, overrides: list[str] | None = None) -> None:
+    """Train (or finish training) one run; a folder with checkpoints resumes from the latest.
+    `overrides` ("key=value") change the recipe's config, as on `navit-clip train`'s command line."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if recipe == "open_clip":
-        openclip_row.train(recipe_config(recipe), run_dir, shards, steps, checkpoints, seed)
+        openclip_row.train(recipe_config(recipe, overrides), run_dir, shards, steps, checkpoints, seed)
         return
     command = [sys.executable, "-m", "navit_clip", "train", "--config", str(CONFIG_DIR / "compare" / OWN_RECIPES[recipe]),
                f"data.train_shards={shards}", f"data.eval_shards={eval_shards}", f"train.out_dir={run_dir}",
                f"train.steps={steps}", f"train.seed={seed}", f"train.ckpt_every={steps // checkpoints}",
                f"train.keep_checkpoints={checkpoints}",
-               f"train.log_every={math.gcd(steps // checkpoints, 10)}"]  # a metrics row at every checkpoint
+               f"train.log_every={math.gcd(steps // checkpoints, 10)}",  # a metrics row at every checkpoint
+               *(overrides or [])]
     log = run_dir / "train.log"
     with log.open("a") as out:
         proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,10 +36,12 @@ class Settings:
     budgets: list[int] | None = None  # inference tokens per image (default ¼× to 2× the training budget)
     checkpoints: int = 4  # evaluation points at equal fractions of the training budget
     jobs: int = 1  # trainings at a time
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # recipe -> its config's "key=value" changes
 
     def recorded(self) -> dict:
         return {"shards": self.shards, "eval_shards": self.eval_shards, "steps": self.steps,
-                "checkpoints": self.checkpoints, "seeds": self.seeds, "recipes": self.recipes, "budgets": self.budgets}
+                "checkpoints": self.checkpoints, "seeds": self.seeds, "recipes": self.recipes, "budgets": self.budgets,
+                "overrides": self.overrides}
 
 
 def compare(settings: Settings, progress: bool = True) -> dict:
@@ -50,7 +52,8 @@ def compare(settings: Settings, progress: bool = True) -> dict:
         notes.append(f"open_clip row skipped: {missing}")
         print(notes[-1])
         chosen.remove("open_clip")
-    train_budgets = {recipe: recipes.training_budget(recipe) for recipe in chosen}
+    notes += [f"{recipe} recipe with {', '.join(changes)}" for recipe, changes in settings.overrides.items()]
+    train_budgets = {recipe: recipes.training_budget(recipe, settings.overrides.get(recipe)) for recipe in chosen}
     budgets = settings.budgets or default_budgets(max(train_budgets.values(), default=1))
     state = CompareState(settings.out, settings.recorded())
     jobs = plan(chosen, settings.seeds, settings.steps, settings.checkpoints, train_budgets, budgets)
@@ -123,7 +126,7 @@ def run_dir(settings: Settings, job: Job) -> Path:
 def _train(job: Job, settings: Settings) -> dict:
     started = time.perf_counter()
     recipes.train_run(job.recipe, run_dir(settings, job), job.seed, settings.shards, settings.eval_shards,
-                      settings.steps, settings.checkpoints)
+                      settings.steps, settings.checkpoints, settings.overrides.get(job.recipe))
     return {"kind": "train", "recipe": job.recipe, "seed": job.seed, "steps": settings.steps,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -133,7 +136,7 @@ def _evaluate(job: Job, settings: Settings, dataset: EvalDataset) -> dict:
     towers = recipes.load_checkpoint_towers(job.recipe, folder, job.step, settings.steps, settings.checkpoints)
     templates = resolve_templates(towers.cfg.eval.templates if towers.cfg is not None else None, dataset)
     result = classify(towers, dataset, templates, job.budget, progress=False)
-    cfg = recipes.recipe_config(job.recipe)
+    cfg = recipes.recipe_config(job.recipe, settings.overrides.get(job.recipe))
     return {"kind": "eval", "recipe": job.recipe, "seed": job.seed, "step": job.step,
             "fraction": job.step / settings.steps, "budget": job.budget,
             "tokens_per_image": round(result["tokens_per_image"], 2), "acc1": result["acc1"], "acc5": result["acc5"],
@@ -143,16 +146,34 @@ def _evaluate(job: Job, settings: Settings, dataset: EvalDataset) -> dict:
 
 
 def parse_settings(shards: str | None, eval_shards: str | None, steps: int, seeds: str, recipes_text: str, out: str,
-                   budgets: str | None = None, checkpoints: int = 4, jobs: int = 1) -> Settings:
+                   budgets: str | None = None, checkpoints: int = 4, jobs: int = 1,
+                   changes: list[str] | None = None) -> Settings:
     """Settings from the command line's words; shards default to the navit recipe's."""
     from navit_clip.compare.schedule import parse_recipes, parse_seeds
     from navit_clip.eval.sweep import parse_budgets
 
     cfg = recipes.recipe_config("navit")
+    chosen = parse_recipes(recipes_text)
     return Settings(shards=shards or cfg.data.train_shards, eval_shards=eval_shards or cfg.data.eval_shards, steps=steps, seeds=parse_seeds(seeds),
-                    recipes=parse_recipes(recipes_text), out=Path(out),
+                    recipes=chosen, out=Path(out),
                     budgets=parse_budgets(budgets) if budgets else None, checkpoints=checkpoints,
-                    jobs=parse_jobs(jobs))
+                    jobs=parse_jobs(jobs), overrides=parse_overrides(changes or [], chosen))
+
+
+def parse_overrides(changes: list[str], chosen: list[str]) -> dict[str, list[str]]:
+    """--set RECIPE:KEY=VALUE words -> {recipe: ["KEY=VALUE", ...]}, each checked against the
+    recipe's config now (a bad key or value is a ConfigError naming it before anything trains)."""
+    overrides: dict[str, list[str]] = {}
+    for change in changes:
+        recipe, colon, setting = change.partition(":")
+        if not colon or "=" not in setting:
+            raise InputError(f"--set {change!r}: expected RECIPE:KEY=VALUE, e.g. navit:data.sequences_per_batch=8")
+        if recipe not in chosen:
+            raise InputError(f"--set {change!r}: {recipe!r} is not one of the recipes compared ({', '.join(chosen)})")
+        overrides.setdefault(recipe, []).append(setting)
+    for recipe, settings in overrides.items():
+        recipes.recipe_config(recipe, settings)
+    return overrides
 
 
 def parse_jobs(jobs: int) -> int:

@@ -11,7 +11,8 @@ from navit_clip.compare.schedule import Job
 from navit_clip.errors import InputError
 
 STATE_FILE = "state.json"
-FIXED = ("shards", "eval_shards", "steps", "checkpoints")  # settings a rerun in the same OUT must keep
+FIXED = ("shards", "eval_shards", "steps", "checkpoints", "overrides")  # settings a rerun in the same OUT must keep
+UNRECORDED = {"overrides": {}}  # what a setting was in a comparison recorded before it existed
 
 
 class CompareState:
@@ -22,7 +23,7 @@ class CompareState:
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             before = saved["settings"]
-            changed = [k for k in FIXED if before.get(k) != settings.get(k)]
+            changed = [k for k in FIXED if before.get(k, UNRECORDED.get(k)) != settings.get(k, UNRECORDED.get(k))]
             if changed:
                 was = ", ".join(f"{k}={before.get(k)!r}" for k in changed)
                 raise InputError(f"{self.path.parent} holds a comparison made with {was}; "

@@ -24,8 +24,10 @@ CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # Light ink on dark paper in shades of grey, like MNIST itself. With coloured ink and paper a
 # small model on two CPU cores needed several times more steps to start telling digits apart
 # (supervised probe, 300 steps: 10% with six colours vs 28% in black and white).
-INK = {"white": (240, 240, 240), "light grey": (190, 190, 190)}
-PAPER = {"black": (10, 10, 10), "dark grey": (60, 60, 60)}
+# Grey levels: the images are stored as one-channel PNGs, a third of the bytes to decode of the
+# same pixels in RGB (decoding reads them back as RGB with R = G = B).
+INK = {"white": 240, "light grey": 190}
+PAPER = {"black": 10, "dark grey": 60}
 # Every caption names the digit; colours and placement are added only sometimes. When every
 # caption spelled out colours and position, those alone told the ~40 pairs of a batch apart
 # and a short CPU run learned them instead of the digits (zero-shot accuracy stayed at chance).
@@ -64,7 +66,7 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 def render(digit: np.ndarray, label: int, rng: np.random.Generator, spec: CanvasSpec) -> tuple[Image.Image, str]:
-    """Place one digit on a coloured canvas; return the image and a caption that describes it."""
+    """Place one digit on a grey canvas; return the image and a caption that describes it."""
     shape = rng.choice(["wide", "tall", "square"], p=[0.4, 0.3, 0.3])
     short = int(rng.integers(*spec.short_side))
     aspect = 1.0 if shape == "square" else float(rng.uniform(1.5, 4.0))
@@ -75,8 +77,8 @@ def render(digit: np.ndarray, label: int, rng: np.random.Generator, spec: Canvas
     glyph = Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR)
     x = int(rng.integers(0, width - size + 1))
     y = int(rng.integers(0, height - size + 1))
-    canvas = Image.new("RGB", (width, height), PAPER[bg])
-    canvas.paste(Image.new("RGB", (size, size), INK[fg]), (x, y), mask=glyph)
+    canvas = Image.new("L", (width, height), PAPER[bg])
+    canvas.paste(Image.new("L", (size, size), INK[fg]), (x, y), mask=glyph)
     centre = (x + size / 2) / width if shape == "wide" else (y + size / 2) / height
     if shape == "square":
         where = "in the middle"

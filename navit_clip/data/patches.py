@@ -71,12 +71,16 @@ def square_view(image: Image.Image, side: int, fit: str = "crop") -> Image.Image
 def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np.ndarray = NO_TEXT,
                 rng: np.random.Generator | None = None, step: int = 0,
                 native_size: tuple[int, int] | None = None) -> PatchedImage:
-    """Size an RGB image by the policy (from its native size if it was decoded smaller), cut it
-    into patches and leave out the blank ones if the policy says so."""
+    """Size an image by the policy (from its native size if it was decoded smaller), cut it into
+    RGB patches and leave out the blank ones if the policy says so."""
     rows, cols = policy.grid_for(*(native_size or image.size), rng=rng, step=step)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
     if policy.mode == "square":
         image = square_view(image, rows * policy.patch_size, policy.square_fit)
     patches, coords = patchify(image, rows, cols, policy.patch_size)
+    if image.mode == "L":  # resized as one channel: the same pixels as its RGB copy, a third of the work
+        patches = np.repeat(patches[:, :, None], 3, axis=2).reshape(len(patches), -1)
     if policy.skip_blank_below > 0:
         keep = non_blank(patches, policy.skip_blank_below)
         patches, coords = patches[keep], coords[keep]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import webdataset as wds
@@ -65,7 +66,10 @@ def write_shards(samples: Iterable[dict[str, Any]], pattern: str, max_per_shard:
         written.append(path)
         counts[os.path.basename(path)] = sink.count
 
-    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0, post=finished) as sink:
+    # A whole-second time stamp: a fractional one costs each member an extended (PAX) header,
+    # which doubles the headers every reader parses.
+    stamp = int(time.time())
+    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0, post=finished, mtime=stamp) as sink:
         for sample in samples:
             sink.write(sample)
     record_counts(directory, counts)

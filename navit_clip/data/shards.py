@@ -49,7 +49,7 @@ class NoUsableSampleError(ShardError, RuntimeError):
 @dataclass
 class Sample:
     key: str
-    image: Image.Image  # RGB
+    image: Image.Image  # RGB, or L for a greyscale file (patchify makes its patches RGB)
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
     native_size: tuple[int, int] | None = None  # (width, height) in the file, if decoded smaller
@@ -172,7 +172,9 @@ def decode_sample(raw: dict[str, Any], max_pixels: int, min_side: int = 1,
             raise BadSample("image_too_small")
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft(width, height))
-        image = image.convert("RGB")  # forces the full decode here, inside the try
+        # A greyscale image stays one channel until it is resized (patchify): a third of the work.
+        image = image if image.mode == "L" else image.convert("RGB")
+        image.load()  # the full decode here, inside the try
     except BadSample:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own pixel limit: the same reason as ours
