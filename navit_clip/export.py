@@ -68,8 +68,8 @@ class ImageEncoder(ImageTower):
         if budget > self.seq_len:
             raise ValueError(f"max_tokens={budget} exceeds the sequence length {self.seq_len}")
         policy = self.sizing.policy(patch_size=self.cfg.patch_size, max_side=self.cfg.max_grid_side, max_tokens=budget)
-        examples = [patch_image(str(index), (image if isinstance(image, Image.Image) else _to_pil(image, index))
-                                .convert("RGB"), policy) for index, image in enumerate(images)]
+        examples = [patch_image(str(index), image if isinstance(image, Image.Image) else _to_pil(image, index), policy)
+                    for index, image in enumerate(images)]  # patch_image makes any mode RGB
         return pack(examples, self.seq_len, self.max_images)
 
     def _as_batch(self, images: Sequence | PackedBatch, max_tokens: int | None) -> tuple[PackedBatch, list[int] | None]:
@@ -115,7 +115,7 @@ def _to_pil(image: torch.Tensor, index: int) -> Image.Image:
             raise ValueError(f"float image {index} must hold values in [0, 1]")
         image = (image * 255).round()
     array = image.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
 def _prepare_export_dir(out: Path, overwrite: bool) -> None:

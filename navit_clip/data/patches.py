@@ -79,11 +79,11 @@ def patch_image(key: str, image: Image.Image, policy: ResolutionPolicy, text: np
     if policy.mode == "square":
         image = square_view(image, rows * policy.patch_size, policy.square_fit)
     patches, coords = patchify(image, rows, cols, policy.patch_size)
-    if image.mode == "L":  # resized as one channel: the same pixels as its RGB copy, a third of the work
-        patches = np.repeat(patches[:, :, None], 3, axis=2).reshape(len(patches), -1)
-    if policy.skip_blank_below > 0:
+    if policy.skip_blank_below > 0:  # a grey patch spans as many levels in one channel as in three
         keep = non_blank(patches, policy.skip_blank_below)
         patches, coords = patches[keep], coords[keep]
+    if image.mode == "L":  # resized as one channel: the same pixels as its RGB copy, a third of the work
+        patches = np.repeat(patches[:, :, None], 3, axis=2).reshape(len(patches), -1)
     return PatchedImage(key=key, patches=patches, coords=coords, grid=(rows, cols), text=text)
 
 
