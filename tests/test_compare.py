@@ -91,7 +91,8 @@ def test_our_clip_bpe_ids_are_open_clips_own():
 # --- the schedule and its record ---------------------------------------------------------------
 
 def test_plan_trains_each_run_then_evaluates_checkpoints_and_budgets():
-    jobs = plan(["navit", "open_clip"], [0, 1], steps=100, checkpoints=4, train_budgets={"navit": 49, "open_clip": 64},
+    jobs = plan(["navit", "open_clip"], [0, 1], steps={"navit": 100, "open_clip": 100}, checkpoints=4,
+                train_budgets={"navit": 49, "open_clip": 64},
                 budgets=[16, 32, 64, 128])
     assert checkpoint_steps(100, 4) == [25, 50, 75, 100]
     assert default_budgets(64) == [16, 32, 64, 128]
@@ -164,7 +165,7 @@ def _scheduled(monkeypatch, jobs: int, seconds: dict[str, float], fails: str | N
 
     events, recorded, lock, main = [], [], threading.Lock(), threading.get_ident()
 
-    def fake_train(job, settings):
+    def fake_train(job, settings, steps):
         with lock:
             events.append(("start", job.seed))
         time.sleep(seconds[str(job.seed)])
@@ -188,7 +189,7 @@ def _scheduled(monkeypatch, jobs: int, seconds: dict[str, float], fails: str | N
     trainings = [Job("train", "navit", int(seed)) for seed in seconds]
     error = None
     try:
-        compare_run.train_runs(trainings, settings, trained)
+        compare_run.train_runs(trainings, settings, trained, {"navit": 4})
     except RuntimeError as exc:
         error = exc
     return events, recorded, error
@@ -298,7 +299,7 @@ def test_compare_end_to_end_resumes_without_retraining(small_digits, tmp_path):
     done = _state(out)
     with_openclip = openclip_row.available() is None
     recipes = ["navit", "open_clip"] if with_openclip else ["navit"]
-    expected = plan(recipes, [0], steps=4, checkpoints=2,
+    expected = plan(recipes, [0], steps={r: 4 for r in recipes}, checkpoints=2,
                     train_budgets={r: recipe_runs.training_budget(r) for r in recipes}, budgets=[32, 64])
     assert set(done) == {job.id for job in expected}
     rows = list(csv.DictReader((out / "results.csv").open()))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 
-def compare_command(shards: str | None, eval_shards: str | None, steps: int, seeds: str, recipes: str, out: str,
-                    budgets: str | None = None, checkpoints: int = 4, jobs: int = 1,
-                    changes: list[str] | None = None) -> dict:
+def compare_command(shards: str | None, eval_shards: str | None, steps: int | None, seeds: str, recipes: str,
+                    out: str, budgets: str | None = None, checkpoints: int = 4, jobs: int = 1,
+                    changes: list[str] | None = None, flops: float | None = None) -> dict:
     """Train the recipes on the same shards to the same budget and write the comparison."""
     from navit_clip.compare.run import compare, parse_settings
 
-    result = compare(parse_settings(shards, eval_shards, steps, seeds, recipes, out, budgets, checkpoints, jobs, changes))
+    result = compare(parse_settings(shards, eval_shards, steps, seeds, recipes, out, budgets, checkpoints, jobs, changes,
+                                    flops))
     print(f"compare: {result['ran']} of {result['jobs']} jobs run now, the rest were recorded as finished")
     for what, path in result["written"].items():
         print(f"  {what:<14} -> {path}")
@@ -23,7 +24,10 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                                        "at equal compute; zero-shot table, CSV and plots")
     p.add_argument("--shards", default=None, help="training shards (default: data.train_shards of configs/compare/navit.yaml)")
     p.add_argument("--eval-shards", default=None, help="zero-shot shards with dataset.json (default: data.eval_shards)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps of every run (equal tokens per step)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default 1000)")
+    p.add_argument("--flops", type=float, default=None,
+                   help="training FLOPs of every run instead: each recipe trains the steps that spend them "
+                        "(e.g. 1.2e13), its checkpoints at equal fractions of them")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per recipe and seed")
     p.add_argument("--recipes", default="navit,square,open_clip", help="comma-separated: navit, square, open_clip")
     p.add_argument("--out", default="runs/compare", help="runs, state.json, table.md, results.csv and plots")

@@ -36,10 +36,10 @@ def plot_compute(evals: list[dict], path: Path) -> Path:
     """acc1 against training compute: the mean over seeds, the seeds' min..max shaded."""
     axis = compute_axis(evals)
     plt, fig, ax = _figure()
-    for recipe, by_step in during_training(evals).items():
-        steps = sorted(by_step)
-        x = [spread([r[axis] for r in by_step[s]])[0] for s in steps]
-        stats = [spread([r["acc1"] for r in by_step[s]]) for s in steps]
+    for recipe, by_fraction in during_training(evals).items():
+        points = sorted(by_fraction)
+        x = [spread([r[axis] for r in by_fraction[f]])[0] for f in points]
+        stats = [spread([r["acc1"] for r in by_fraction[f]]) for f in points]
         ax.plot(x, [m for m, _, _, _ in stats], marker="o", label=recipe)
         ax.fill_between(x, [lo for _, _, lo, _ in stats], [hi for _, _, _, hi in stats], alpha=0.2)
     return _finish(plt, fig, ax, path, AXIS_LABELS[axis], "zero-shot acc1 during training (range over seeds)")

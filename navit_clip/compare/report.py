@@ -3,8 +3,9 @@ mean ± standard deviation over seeds, during training and at each inference bud
 accuracy against training compute (the mean, with the seeds' range shaded) and accuracy of the
 final models against inference tokens per image.
 
-Training compute is the cumulative FLOPs the runs log, when every run logs them; otherwise the
-image tokens (packed positions or square patches) seen so far, the same per step for every recipe."""
+Training compute is the cumulative training FLOPs of each checkpoint (navit-clip's runs log them,
+open_clip_train's are counted by compare/compute.py), when every evaluation has them; otherwise
+the image tokens (packed positions or square patches) seen so far."""
 
 from __future__ import annotations
 
@@ -28,28 +29,39 @@ def compute_axis(evals: list[dict]) -> str:
     return "train_flops" if evals and all(e.get("train_flops") for e in evals) else "train_tokens"
 
 
-def during_training(evals: list[dict]) -> dict[str, dict[int, list[dict]]]:
-    """recipe -> checkpoint step -> evaluations over seeds, at that recipe's training token budget."""
+def checkpoint(e: dict) -> float:
+    """An evaluation's place in its run (1.0: the final model). Recipes trained to one FLOPs budget
+    stop at different steps, so checkpoints line up by fraction, not by step."""
+    return round(e["fraction"], 6)
+
+
+def during_training(evals: list[dict]) -> dict[str, dict[float, list[dict]]]:
+    """recipe -> checkpoint fraction -> evaluations over seeds, at that recipe's training token budget."""
     by_recipe: dict[str, list[dict]] = defaultdict(list)
     for e in evals:
         by_recipe[e["recipe"]].append(e)
-    table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    table: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for recipe, rows in by_recipe.items():
         train_budget = _train_budget(rows)
         for e in rows:
             if e["budget"] == train_budget:
-                table[recipe][e["step"]].append(e)
+                table[recipe][checkpoint(e)].append(e)
     return table
 
 
 def at_inference(evals: list[dict]) -> dict[str, dict[int, list[dict]]]:
     """recipe -> inference budget -> evaluations of the final models over seeds."""
-    final = max((e["step"] for e in evals), default=0)
     table: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for e in evals:
-        if e["step"] == final:
+        if checkpoint(e) == 1.0:
             table[e["recipe"]][e["budget"]].append(e)
     return table
+
+
+def _column(fraction: float, rows: list[dict]) -> str:
+    """A checkpoint's heading: its step when every recipe is there at the same step."""
+    steps = {e["step"] for e in rows}
+    return f"step {steps.pop()}" if len(steps) == 1 else f"{fraction:.0%} of the run"
 
 
 def _train_budget(evals: list[dict]) -> int:
@@ -60,7 +72,7 @@ def _train_budget(evals: list[dict]) -> int:
     return max(steps_by_budget, key=lambda b: (len(steps_by_budget[b]), -b), default=0)
 
 
-def _budget_of(by_step: dict[int, list[dict]]) -> int:
+def _budget_of(by_step: dict[float, list[dict]]) -> int:
     return next(rows[0]["budget"] for rows in by_step.values() if rows)
 
 
@@ -73,12 +85,17 @@ def markdown(evals: list[dict], trainings: list[dict], notes: list[str]) -> str:
     lines = ["# Zero-shot acc1 (mean ± std over seeds)", ""]
     lines += [f"_{note}_" for note in notes] + ([""] if notes else [])
     training = during_training(evals)
-    steps = sorted({s for by_step in training.values() for s in by_step})
+    points = sorted({f for by_fraction in training.values() for f in by_fraction})
+    headings = [_column(f, [e for by_fraction in training.values() for e in by_fraction.get(f, [])]) for f in points]
     lines += ["## During training (each recipe at its training tokens per image)", "",
-              "| recipe | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
-    lines += [f"| {recipe} ({_budget_of(by_step)} tokens) | "
-              + " | ".join(_cell(by_step[s]) if s in by_step else "n/a" for s in steps) + " |"
-              for recipe, by_step in training.items()]
+              "| recipe | " + " | ".join(headings) + " |", "|---|" + "---|" * len(points)]
+    lines += [f"| {recipe} ({_budget_of(by_fraction)} tokens) | "
+              + " | ".join(_cell(by_fraction[f]) if f in by_fraction else "n/a" for f in points) + " |"
+              for recipe, by_fraction in training.items()]
+    steps_of = {recipe: max(e["step"] for rows in by_fraction.values() for e in rows)
+                for recipe, by_fraction in training.items()}
+    if len(set(steps_of.values())) > 1:
+        lines += ["", "Steps of each run: " + ", ".join(f"{r} {n}" for r, n in steps_of.items()) + "."]
     inference = at_inference(evals)
     budgets = sorted({b for by_budget in inference.values() for b in by_budget})
     lines += ["", "## Final models at other inference budgets (max tokens per image)", "",

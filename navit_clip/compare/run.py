@@ -7,6 +7,7 @@ training is recorded, and is the only writer of state.json."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -16,7 +17,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from navit_clip.compare import openclip_row, recipes
+from navit_clip.compare import compute, openclip_row, recipes
 from navit_clip.compare.report import write_report
 from navit_clip.compare.schedule import Job, default_budgets, pending, plan
 from navit_clip.compare.state import CompareState
@@ -24,12 +25,14 @@ from navit_clip.errors import InputError
 from navit_clip.eval.datasets import EvalDataset, open_dataset
 from navit_clip.eval.zeroshot import classify, resolve_templates
 
+DEFAULT_STEPS = 1000
+
 
 @dataclass
 class Settings:
     shards: str
     eval_shards: str
-    steps: int
+    steps: int | None  # training steps of every run; None: each recipe's share of the `flops` budget
     seeds: list[int]
     recipes: list[str]
     out: Path
@@ -37,11 +40,12 @@ class Settings:
     checkpoints: int = 4  # evaluation points at equal fractions of the training budget
     jobs: int = 1  # trainings at a time
     overrides: dict[str, list[str]] = field(default_factory=dict)  # recipe -> its config's "key=value" changes
+    flops: float | None = None  # a training FLOPs budget for every run: each recipe's steps then come from it
 
     def recorded(self) -> dict:
         return {"shards": self.shards, "eval_shards": self.eval_shards, "steps": self.steps,
                 "checkpoints": self.checkpoints, "seeds": self.seeds, "recipes": self.recipes, "budgets": self.budgets,
-                "overrides": self.overrides}
+                "overrides": self.overrides, "flops": self.flops}
 
 
 def compare(settings: Settings, progress: bool = True) -> dict:
@@ -56,7 +60,11 @@ def compare(settings: Settings, progress: bool = True) -> dict:
     train_budgets = {recipe: recipes.training_budget(recipe, settings.overrides.get(recipe)) for recipe in chosen}
     budgets = settings.budgets or default_budgets(max(train_budgets.values(), default=1))
     state = CompareState(settings.out, settings.recorded())
-    jobs = plan(chosen, settings.seeds, settings.steps, settings.checkpoints, train_budgets, budgets)
+    steps = run_steps(settings, chosen)
+    if settings.flops is not None:
+        notes.append(f"equal training compute: {settings.flops:.3g} FLOPs a run, so "
+                     + ", ".join(f"{recipe} {n} steps" for recipe, n in steps.items()))
+    jobs = plan(chosen, settings.seeds, steps, settings.checkpoints, train_budgets, budgets)
     todo = pending(jobs, state.done)
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="compare", unit="job", disable=not progress,
                dynamic_ncols=True)
@@ -70,7 +78,7 @@ def compare(settings: Settings, progress: bool = True) -> dict:
         for job in [job for job in evals if job.run == run]:
             bar.set_postfix_str(job.id)
             dataset = dataset or open_dataset(settings.eval_shards)
-            state.record(job, _evaluate(job, settings, dataset))
+            state.record(job, _evaluate(job, settings, dataset, steps[job.recipe]))
             bar.update(1)
 
     for run in dict.fromkeys(job.run for job in evals if job.run not in untrained):  # trained before
@@ -81,14 +89,27 @@ def compare(settings: Settings, progress: bool = True) -> dict:
         bar.update(1)
         evaluate(job.run)
 
-    train_runs(trainings, settings, trained)
+    train_runs(trainings, settings, trained, steps)
     bar.close()
     written = write_report(settings.out, state.evaluations(), state.trainings(), notes)
     return {"written": written, "notes": notes, "jobs": len(jobs), "ran": len(todo)}
 
 
-def train_runs(trainings: list[Job], settings: Settings, trained: Callable[[Job, dict], None]) -> None:
-    """Train `trainings`, settings.jobs at a time, each in a child process; call trained(job, result)
+def run_steps(settings: Settings, chosen: list[str]) -> dict[str, int]:
+    """Each recipe's training steps: --steps for all, or the steps that spend the --flops budget."""
+    if settings.flops is None:
+        return {recipe: settings.steps for recipe in chosen}
+    return {recipe: compute.steps_for_budget(settings.flops, _step_flops(recipe, settings), settings.checkpoints)
+            for recipe in chosen}
+
+
+def _step_flops(recipe: str, settings: Settings) -> float:
+    return compute.step_flops(recipe, recipes.recipe_config(recipe, settings.overrides.get(recipe)), settings.shards)
+
+
+def train_runs(trainings: list[Job], settings: Settings, trained: Callable[[Job, dict], None],
+               steps: dict[str, int]) -> None:
+    """Train `trainings` (each to its recipe's `steps`), settings.jobs at a time, each in a child process; call trained(job, result)
     in this thread as each one finishes (its slot is given to the next training after that call). A
     failed training starts no other, lets the running ones finish and be recorded, then is raised."""
     if not trainings:
@@ -100,7 +121,7 @@ def train_runs(trainings: list[Job], settings: Settings, trained: Callable[[Job,
         while waiting or running:
             while waiting and len(running) < settings.jobs:
                 job = waiting.pop(0)
-                running[pool.submit(_train, job, settings)] = job
+                running[pool.submit(_train, job, settings, steps[job.recipe])] = job
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 job = running.pop(future)
@@ -123,41 +144,52 @@ def run_dir(settings: Settings, job: Job) -> Path:
     return settings.out / "runs" / job.run
 
 
-def _train(job: Job, settings: Settings) -> dict:
+def _train(job: Job, settings: Settings, steps: int) -> dict:
     started = time.perf_counter()
     recipes.train_run(job.recipe, run_dir(settings, job), job.seed, settings.shards, settings.eval_shards,
-                      settings.steps, settings.checkpoints, settings.overrides.get(job.recipe))
-    return {"kind": "train", "recipe": job.recipe, "seed": job.seed, "steps": settings.steps,
+                      steps, settings.checkpoints, settings.overrides.get(job.recipe))
+    return {"kind": "train", "recipe": job.recipe, "seed": job.seed, "steps": steps,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _evaluate(job: Job, settings: Settings, dataset: EvalDataset) -> dict:
+def _evaluate(job: Job, settings: Settings, dataset: EvalDataset, steps: int) -> dict:
     folder = run_dir(settings, job)
-    towers = recipes.load_checkpoint_towers(job.recipe, folder, job.step, settings.steps, settings.checkpoints)
+    towers = recipes.load_checkpoint_towers(job.recipe, folder, job.step, steps, settings.checkpoints)
     templates = resolve_templates(towers.cfg.eval.templates if towers.cfg is not None else None, dataset)
     result = classify(towers, dataset, templates, job.budget, progress=False)
     cfg = recipes.recipe_config(job.recipe, settings.overrides.get(job.recipe))
     return {"kind": "eval", "recipe": job.recipe, "seed": job.seed, "step": job.step,
-            "fraction": job.step / settings.steps, "budget": job.budget,
+            "fraction": job.step / steps, "budget": job.budget,
             "tokens_per_image": round(result["tokens_per_image"], 2), "acc1": result["acc1"], "acc5": result["acc5"],
             "mean_per_class_recall": result["mean_per_class_recall"],
             "train_tokens": job.step * recipes.tokens_per_step(job.recipe, cfg),
-            "train_flops": recipes.logged_flops(folder, job.step)}
+            "train_flops": _train_flops(job, folder, cfg)}
 
 
-def parse_settings(shards: str | None, eval_shards: str | None, steps: int, seeds: str, recipes_text: str, out: str,
+def _train_flops(job: Job, folder: Path, cfg) -> float | None:
+    """Cumulative training FLOPs at the job's checkpoint: as the run logged them, or for
+    open_clip_train (which logs none) its fixed step's count times the steps."""
+    if job.recipe == "open_clip":
+        return job.step * compute.openclip_step_flops(cfg)
+    return recipes.logged_flops(folder, job.step)
+
+
+def parse_settings(shards: str | None, eval_shards: str | None, steps: int | None, seeds: str, recipes_text: str, out: str,
                    budgets: str | None = None, checkpoints: int = 4, jobs: int = 1,
-                   changes: list[str] | None = None) -> Settings:
+                   changes: list[str] | None = None, flops: float | None = None) -> Settings:
     """Settings from the command line's words; shards default to the navit recipe's."""
     from navit_clip.compare.schedule import parse_recipes, parse_seeds
     from navit_clip.eval.sweep import parse_budgets
 
     cfg = recipes.recipe_config("navit")
     chosen = parse_recipes(recipes_text)
+    if steps is not None and flops is not None:
+        raise InputError("give --steps (the same steps for every run) or --flops (the same compute), not both")
+    steps = None if flops is not None else (DEFAULT_STEPS if steps is None else steps)
     return Settings(shards=shards or cfg.data.train_shards, eval_shards=eval_shards or cfg.data.eval_shards, steps=steps, seeds=parse_seeds(seeds),
                     recipes=chosen, out=Path(out),
                     budgets=parse_budgets(budgets) if budgets else None, checkpoints=checkpoints,
-                    jobs=parse_jobs(jobs), overrides=parse_overrides(changes or [], chosen))
+                    jobs=parse_jobs(jobs), overrides=parse_overrides(changes or [], chosen), flops=parse_flops(flops))
 
 
 def parse_overrides(changes: list[str], chosen: list[str]) -> dict[str, list[str]]:
@@ -174,6 +206,12 @@ def parse_overrides(changes: list[str], chosen: list[str]) -> dict[str, list[str
     for recipe, settings in overrides.items():
         recipes.recipe_config(recipe, settings)
     return overrides
+
+
+def parse_flops(flops: float | None) -> float | None:
+    if flops is not None and not (flops > 0 and math.isfinite(flops)):
+        raise InputError(f"--flops must be a positive number of training FLOPs (e.g. 1.2e13), got {flops}")
+    return flops
 
 
 def parse_jobs(jobs: int) -> int:

@@ -67,18 +67,18 @@ def default_budgets(train_budget: int) -> list[int]:
     return sorted({max(1, round(train_budget * f)) for f in DEFAULT_BUDGET_FACTORS})
 
 
-def plan(recipes: Sequence[str], seeds: Iterable[int], steps: int, checkpoints: int,
+def plan(recipes: Sequence[str], seeds: Iterable[int], steps: Mapping[str, int], checkpoints: int,
          train_budgets: Mapping[str, int], budgets: Sequence[int]) -> list[Job]:
     """Every job of the comparison in the order it runs: a run's evaluations right after it.
+    `steps`: each recipe's training steps (the same for all, or each its share of a FLOPs budget);
     `train_budgets`: each recipe's training tokens per image, where its checkpoints are evaluated."""
-    at = checkpoint_steps(steps, checkpoints)
     jobs: list[Job] = []
     for recipe in recipes:
-        train_budget = train_budgets[recipe]
+        train_budget, final = train_budgets[recipe], steps[recipe]
         for seed in seeds:
             jobs.append(Job("train", recipe, seed))
-            jobs += [Job("eval", recipe, seed, step, train_budget) for step in at]
-            jobs += [Job("eval", recipe, seed, steps, b) for b in sorted(set(budgets)) if b != train_budget]
+            jobs += [Job("eval", recipe, seed, step, train_budget) for step in checkpoint_steps(final, checkpoints)]
+            jobs += [Job("eval", recipe, seed, final, b) for b in sorted(set(budgets)) if b != train_budget]
     return jobs
 
 

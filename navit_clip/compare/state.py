@@ -11,8 +11,8 @@ from navit_clip.compare.schedule import Job
 from navit_clip.errors import InputError
 
 STATE_FILE = "state.json"
-FIXED = ("shards", "eval_shards", "steps", "checkpoints", "overrides")  # settings a rerun in the same OUT must keep
-UNRECORDED = {"overrides": {}}  # what a setting was in a comparison recorded before it existed
+FIXED = ("shards", "eval_shards", "steps", "checkpoints", "overrides", "flops")  # what a rerun in the same OUT must keep
+UNRECORDED = {"overrides": {}, "flops": None}  # what a setting was in a comparison recorded before it existed
 
 
 class CompareState:
