@@ -141,3 +141,13 @@ def test_compare_to_a_flops_budget_trains_each_recipe_to_it(small_digits, tmp_pa
     table = (out / "table.md").read_text()
     assert f"navit {steps['navit']} steps, square {steps['square']} steps" in table
     assert "| recipe | 50% of the run | 100% of the run |" in table
+    assert json.loads((out / "state.json").read_text())["run_steps"] == steps
+
+
+def test_each_recipe_keeps_the_steps_first_chosen(tmp_path):
+    settings = {"shards": "a.tar", "eval_shards": "b.tar", "steps": None, "checkpoints": 2, "flops": 1e12}
+    CompareState(tmp_path, settings).keep_steps({"navit": 8})
+    again = CompareState(tmp_path, settings)
+    assert again.run_steps == {"navit": 8}
+    again.keep_steps({"navit": 12, "square": 4})  # navit recounted after a change: the recorded steps stand
+    assert CompareState(tmp_path, settings).run_steps == {"navit": 8, "square": 4}

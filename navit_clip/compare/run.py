@@ -60,7 +60,8 @@ def compare(settings: Settings, progress: bool = True) -> dict:
     train_budgets = {recipe: recipes.training_budget(recipe, settings.overrides.get(recipe)) for recipe in chosen}
     budgets = settings.budgets or default_budgets(max(train_budgets.values(), default=1))
     state = CompareState(settings.out, settings.recorded())
-    steps = run_steps(settings, chosen)
+    state.keep_steps(run_steps(settings, [recipe for recipe in chosen if recipe not in state.run_steps]))
+    steps = {recipe: state.run_steps[recipe] for recipe in chosen}
     if settings.flops is not None:
         notes.append(f"equal training compute: {settings.flops:.3g} FLOPs a run, so "
                      + ", ".join(f"{recipe} {n} steps" for recipe, n in steps.items()))

@@ -20,6 +20,7 @@ class CompareState:
         self.path = Path(out) / STATE_FILE
         self.settings = settings
         self.done: dict[str, dict] = {}
+        self.run_steps: dict[str, int] = {}  # each recipe's steps, once chosen (a --flops budget's share)
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             before = saved["settings"]
@@ -29,15 +30,28 @@ class CompareState:
                 raise InputError(f"{self.path.parent} holds a comparison made with {was}; "
                                  "use another --out or the same settings")
             self.done = saved["done"]
+            self.run_steps = saved.get("run_steps", {})
 
     def finished(self, job: Job) -> bool:
         return job.id in self.done
 
     def record(self, job: Job, result: dict) -> None:
         self.done[job.id] = result
+        self._write()
+
+    def keep_steps(self, steps: dict[str, int]) -> None:
+        """Record the steps of recipes new to this comparison. Each recipe keeps the steps first
+        chosen: a rerun trains and reads its runs at those even where a recount of the FLOPs per step
+        (after a change to the code or the data) would now round otherwise."""
+        if steps:
+            self.run_steps = {**steps, **self.run_steps}
+            self._write()
+
+    def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "done": self.done}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"settings": self.settings, "done": self.done, "run_steps": self.run_steps},
+                                  indent=1) + "\n")
         os.replace(tmp, self.path)
 
     def evaluations(self) -> list[dict]:
