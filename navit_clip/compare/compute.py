@@ -16,7 +16,7 @@ from dataclasses import replace
 from navit_clip.compare import openclip_row
 from navit_clip.config import Config
 from navit_clip.errors import InputError
-from navit_clip.train.flops import BACKWARD_PER_FORWARD, blocks, linear, text_forward
+from navit_clip.train.flops import BACKWARD_PER_FORWARD, attention, blocks, linear, text_forward
 
 SAMPLED_BATCHES = 20  # batches of a recipe's stream whose mean FLOPs stand for its step
 
@@ -29,7 +29,7 @@ def openclip_step_flops(cfg: Config) -> float:
     tokens = patches + 1  # the class token
     image = (linear(patches, vision.patch_size ** 2 * vision.channels, vision.width)
              + blocks(tokens, vision.width, vision.mlp_ratio, vision.depth)
-             + vision.depth * 4.0 * vision.width * tokens ** 2
+             + attention(tokens ** 2, vision.width, vision.depth)
              + linear(1, vision.width, cfg.model.embed_dim))
     captions = text_forward(text, cfg.model.embed_dim, images, text.context_length)
     return (1.0 + BACKWARD_PER_FORWARD) * (images * image + captions)

@@ -31,6 +31,12 @@ def linear(rows: float, fan_in: int, fan_out: int) -> float:
     return 2.0 * rows * fan_in * fan_out
 
 
+def attention(squared_lengths: float, width: int, depth: int) -> float:
+    """Forward FLOPs of `depth` layers of attention (QKᵀ and AV) over sequences whose lengths'
+    squares sum to `squared_lengths`."""
+    return depth * 4.0 * width * squared_lengths
+
+
 def blocks(tokens: float, width: int, mlp_ratio: float, depth: int) -> float:
     """Forward FLOPs of the linear layers of `depth` transformer blocks over `tokens` tokens."""
     hidden = round(width * mlp_ratio)
@@ -43,21 +49,21 @@ def vision_forward(cfg: VisionConfig, embed_dim: int, segment: torch.Tensor, max
     S, L = segment.shape
     tokens, width = S * L, cfg.width
     _, runs = token_groups(segment)  # token count of each image and each padding run
-    attention = cfg.depth * 4.0 * width * float((runs.double() ** 2).sum())
-    total = linear(tokens, cfg.patch_size ** 2 * cfg.channels, width) + blocks(tokens, width, cfg.mlp_ratio, cfg.depth)
+    total = (linear(tokens, cfg.patch_size ** 2 * cfg.channels, width) + blocks(tokens, width, cfg.mlp_ratio, cfg.depth)
+             + attention(float((runs.double() ** 2).sum()), width, cfg.depth))
     if cfg.posemb == "fourier":  # two axes, each a linear map of 2·64 Fourier features
         axis = width // 2 if cfg.posemb_combine == "stack" else width
         total += 2 * linear(tokens, 128, axis)
     if cfg.pooling == "map":  # keys and values of every token, one query score per head, output per slot
         total += linear(tokens, width, 2 * width) + 2.0 * tokens * width + linear(S * max_images, width, width)
-    return total + attention + linear(S * max_images, width, embed_dim)
+    return total + linear(S * max_images, width, embed_dim)
 
 
 def text_forward(cfg: TextConfig, embed_dim: int, captions: int, length: int) -> float:
     """Forward FLOPs of the text tower on `captions` captions of `length` tokens."""
     tokens = captions * length
-    attention = cfg.depth * 4.0 * cfg.width * captions * length ** 2
-    return blocks(tokens, cfg.width, cfg.mlp_ratio, cfg.depth) + attention + linear(captions, cfg.width, embed_dim)
+    return (blocks(tokens, cfg.width, cfg.mlp_ratio, cfg.depth) + attention(captions * length ** 2, cfg.width, cfg.depth)
+            + linear(captions, cfg.width, embed_dim))
 
 
 def forward_flops(cfg: ModelConfig, batch: PackedBatch) -> dict[str, float]:
