@@ -227,11 +227,11 @@ def test_set_changes_one_recipes_config_and_is_checked_before_anything_trains():
     from navit_clip.compare.run import parse_overrides
 
     chosen = ["navit", "square"]
-    overrides = parse_overrides(["navit:data.sequences_per_batch=8", "navit:train.steps=5", "square:optim.lr=0.002"],
+    overrides = parse_overrides(["navit:data.sequences_per_batch=2", "navit:train.steps=5", "square:optim.lr=0.002"],
                                 chosen)
-    assert overrides == {"navit": ["data.sequences_per_batch=8", "train.steps=5"], "square": ["optim.lr=0.002"]}
-    assert recipe_runs.recipe_config("navit", overrides["navit"]).data.sequences_per_batch == 8
-    assert recipe_runs.recipe_config("navit").data.sequences_per_batch != 8
+    assert overrides == {"navit": ["data.sequences_per_batch=2", "train.steps=5"], "square": ["optim.lr=0.002"]}
+    assert recipe_runs.recipe_config("navit", overrides["navit"]).data.sequences_per_batch == 2
+    assert recipe_runs.recipe_config("navit").data.sequences_per_batch != 2
     with pytest.raises(InputError, match="RECIPE:KEY=VALUE"):
         parse_overrides(["data.sequences_per_batch=8"], chosen)
     with pytest.raises(InputError, match="'open_clip' is not one of the recipes compared"):

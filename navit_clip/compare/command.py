@@ -38,5 +38,5 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                                                         "cores / jobs threads unless OMP_NUM_THREADS is set)")
     p.add_argument("--set", dest="changes", action="append", default=[], metavar="RECIPE:KEY=VALUE",
                    help="change one recipe's config key for this comparison (repeatable), e.g. "
-                        "navit:data.sequences_per_batch=8 to give it as many token slots a step as square")
+                        "navit:optim.lr=0.002")
     p.set_defaults(handler=compare_command)
