@@ -27,18 +27,6 @@ DEFAULT = str(CONFIG_DIR / "default.yaml")
 
 # --- the open_clip_train row --------------------------------------------------------------------
 
-def test_every_recipe_trains_on_the_same_image_token_slots_a_step():
-    """The comparison's promise: equal slots per step (navit packs 8 x 256, the squares are 32 x 64),
-    and navit and square differ only in data, packing and position table, not in model or optimizer."""
-    configs = {recipe: recipe_runs.recipe_config(recipe) for recipe in recipe_runs.RECIPE_CONFIGS}
-    slots = {recipe: recipe_runs.tokens_per_step(recipe, cfg) for recipe, cfg in configs.items()}
-    assert slots == {"navit": 2048, "square": 2048, "open_clip": 2048}
-    navit, square = configs["navit"], configs["square"]
-    assert navit.optim == square.optim and navit.model.text == square.model.text
-    assert (navit.model.vision.width, navit.model.vision.depth, navit.model.vision.patch_size) == \
-        (square.model.vision.width, square.model.vision.depth, square.model.vision.patch_size)
-
-
 def test_openclip_model_config_has_the_default_sizes():
     config = openclip_row.model_config(load_config(DEFAULT))
     assert config == {

@@ -102,12 +102,15 @@ def test_square_config_checks_and_the_comparison_configs():
     navit, square = (flat(config_to_dict(load_config(REPO / "configs" / "compare" / f"{n}.yaml")))
                      for n in ("navit", "square"))
     default = flat(config_to_dict(load_config(REPO / "configs" / "default.yaml")))
-    assert {k for k in navit if navit[k] != default[k]} == {"train.out_dir"}
+    # the demo packs 4 sequences (~130 digits); the comparison packs 8, the square recipe's 2,048 slots
+    assert {k for k in navit if navit[k] != default[k]} == {"train.out_dir", "data.sequences_per_batch"}
     differ = {k for k in navit if navit[k] != square[k]}
     assert all(k.startswith(("data.", "model.vision.posemb", "model.vision.max_grid_side", "train.out_dir",
                              "eval.sequences_per_batch")) for k in differ), differ
     tokens = [c["data.sequences_per_batch"] * c["data.seq_len"] for c in (navit, square)]
-    assert tokens[0] <= tokens[1] == 2048  # NaViT never gets more image-token slots than the square recipe
+    assert tokens[0] == tokens[1] == 2048  # the same image-token slots a step
+    from navit_clip.compare.recipes import recipe_config, tokens_per_step
+    assert tokens_per_step("open_clip", recipe_config("open_clip")) == 2048  # open_clip_train's 32 squares of 8x8
 
 
 def test_square_stream_is_one_square_image_per_sequence(tiny_shards):
