@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import make_tiny_image
+from navit_clip.compare.recipes import recipe_config, tokens_per_step
 from navit_clip.config import ConfigError, config_to_dict, load_config
 from navit_clip.data.loader import PackedStream
 from navit_clip.data.patches import patch_image, patchify
@@ -107,10 +108,8 @@ def test_square_config_checks_and_the_comparison_configs():
     differ = {k for k in navit if navit[k] != square[k]}
     assert all(k.startswith(("data.", "model.vision.posemb", "model.vision.max_grid_side", "train.out_dir",
                              "eval.sequences_per_batch")) for k in differ), differ
-    tokens = [c["data.sequences_per_batch"] * c["data.seq_len"] for c in (navit, square)]
-    assert tokens[0] == tokens[1] == 2048  # the same image-token slots a step
-    from navit_clip.compare.recipes import recipe_config, tokens_per_step
-    assert tokens_per_step("open_clip", recipe_config("open_clip")) == 2048  # open_clip_train's 32 squares of 8x8
+    slots = {recipe: tokens_per_step(recipe, recipe_config(recipe)) for recipe in ("navit", "square", "open_clip")}
+    assert slots == {"navit": 2048, "square": 2048, "open_clip": 2048}  # the same image-token slots a step
 
 
 def test_square_stream_is_one_square_image_per_sequence(tiny_shards):
